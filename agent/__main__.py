@@ -1,0 +1,111 @@
+"""Command line: `model-agent` and `python -m agent`. The only place that maps errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from . import __version__
+from .config import Settings, build_settings
+from .errors import AgentError
+from .log import Logger, add_secret, redact
+
+EPILOG = """exit codes: 0 done, 1 internal error, 2 invalid input, 3 auth refused, 4 not found,
+5 integrity, 6 disk full, 7 transient failures outlasted retries, 8 timed out.
+Every option also reads from MODEL_AGENT_<OPTION>, e.g. MODEL_AGENT_CACHE_DIR."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    # default=None everywhere: build_settings tells "not given" from a value, then tries the env.
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cache-dir", help="HF cache (default: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub)")
+    where.add_argument("--local-dir", help="put the files flat under this folder instead")
+    p.add_argument("--repo-id", help="ORG/NAME to store an object-store source under in the HF layout")
+    p.add_argument("--log-format", choices=("text", "json"), help="default: text on a terminal, json otherwise")
+    p.add_argument("--token-file", help="file holding the Hub token (else HF_TOKEN, HF_TOKEN_PATH)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="model-agent", description="Put model weights on a cache volume, once, correctly.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"model-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pull = sub.add_parser("pull", help="download a snapshot to the cache, crash-safe", epilog=EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    pull.add_argument("source", help="ORG/NAME, hf://ORG/NAME@REV, hf://datasets/ORG/NAME, ...")
+    _common(pull)
+    pull.add_argument("--include", action="append", help="glob of files to fetch (repeatable)")
+    pull.add_argument("--exclude", action="append", help="glob of files to skip (repeatable)")
+    pull.add_argument("--engine", choices=("auto", "xet", "hf_transfer", "http"))
+    pull.add_argument("--workers", type=int, help="parallel connections (default 8)")
+    pull.add_argument("--stall-timeout", help="give up on a connection silent this long, then retry (default 60s)")
+    pull.add_argument("--chunk-size", help="size of the parallel ranges of a large file (default 64Mi)")
+    pull.add_argument("--disk-margin", help="free space to keep beyond the download (default 256Mi)")
+    pull.add_argument("--lock-timeout", help="give up (exit 8) if another writer holds the model this long (default: wait)")
+    pull.add_argument("--lease-ttl", help="a writer silent this long is presumed dead (default 60s)")
+    pull.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port")
+    pull.add_argument("--metrics-textfile", help="write metrics here for node-exporter's textfile collector")
+    pull.add_argument("--pushgateway", help="push metrics to this Prometheus Pushgateway URL")
+
+    wait = sub.add_parser("wait", help="block until a snapshot is ready (exit 8 on timeout)")
+    wait.add_argument("source")
+    _common(wait)
+    wait.add_argument("--timeout", help="default 30m")
+    wait.add_argument("--poll-interval", help="default 2s")
+
+    verify = sub.add_parser("verify", help="re-hash every file of a snapshot against its lockfile")
+    verify.add_argument("source")
+    _common(verify)
+
+    demo = sub.add_parser("demo", help="serve a generated model from an embedded Hub and pull it (no network)")
+    demo.add_argument("--cache-dir", default=None, help="default ./model-cache")
+    demo.add_argument("--engine", choices=("auto", "xet", "hf_transfer", "http"))
+    demo.add_argument("--log-format", choices=("text", "json"))
+    return parser
+
+
+def make_logger(settings: Settings) -> Logger:
+    fmt = settings.log_format
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "json"
+    return Logger(fmt)
+
+
+def run(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
+    env = dict(os.environ if env is None else env)
+    args = build_parser().parse_args(argv)
+    logger = Logger("text")
+    try:
+        settings = build_settings(vars(args), env)
+        add_secret(settings.token)
+        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN",
+                     "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_SECRET"):
+            add_secret(env.get(name))
+        logger = make_logger(settings)
+        from . import commands
+
+        return getattr(commands, f"cmd_{args.command}")(args, settings, logger, env)
+    except AgentError as exc:
+        logger.error(exc.kind, redact(str(exc)), exit_code=exc.exit_code)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        logger.error("interrupted", "interrupted; partial files are kept and the next pull resumes them")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns the unexpected into exit 1
+        logger.error("internal", redact(f"internal error: {type(exc).__name__}: {exc}"), exit_code=1)
+        if env.get("MODEL_AGENT_DEBUG"):
+            raise
+        return 1
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

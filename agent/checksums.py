@@ -1,0 +1,57 @@
+"""Hash files the way their sources do, streaming, with the GIL released for big blocks."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+
+BLOCK = 8 * 2**20
+SUPPORTED = ("sha256", "git_sha1", "md5", "md5_base64")
+
+
+def _hasher(algo: str, size: int):
+    if algo == "sha256":
+        return hashlib.sha256()
+    if algo == "git_sha1":
+        h = hashlib.sha1()
+        h.update(b"blob %d\0" % size)  # git hashes a header before the content
+        return h
+    if algo in ("md5", "md5_base64"):
+        return hashlib.md5(usedforsecurity=False)
+    raise ValueError(algo)
+
+
+def _digest(algo: str, h) -> str:
+    return base64.b64encode(h.digest()).decode() if algo == "md5_base64" else h.hexdigest()
+
+
+def compute(path: Path, algos: list[str]) -> dict[str, str]:
+    """One read of the file, every requested digest."""
+    size = path.stat().st_size
+    hashers = {a: _hasher(a, size) for a in algos if a in SUPPORTED}
+    if not hashers:
+        return {}
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(BLOCK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            for h in hashers.values():
+                h.update(view[:n])
+    return {a: _digest(a, h) for a, h in hashers.items()}
+
+
+def mismatches(path: Path, size: int, expected: dict[str, str]) -> list[str]:
+    """What is wrong with the file at `path`, as short phrases; empty when it is right."""
+    try:
+        actual_size = path.stat().st_size
+    except OSError:
+        return ["missing"]
+    if actual_size != size:
+        return [f"size {actual_size} != {size}"]
+    wanted = {a: v for a, v in expected.items() if a in SUPPORTED and v}
+    got = compute(path, list(wanted))
+    return [f"{a} {got[a][:12]}… != {v[:12]}…" for a, v in wanted.items() if got.get(a) != v.lower() and got.get(a) != v]

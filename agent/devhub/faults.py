@@ -1,0 +1,104 @@
+"""Fault injection: make chosen requests fail the way real networks and CDNs fail.
+
+Two phases are checked per request:
+- request faults ("status", "429") answer instead of the normal response; they apply to any
+  request (API, resolve, CDN; GET or HEAD) whose path matches;
+- body faults ("reset", "truncate", "stall", "corrupt", "slow") alter a file body being sent,
+  so they only apply to resolve/CDN responses that carry file bytes.
+A fault is used up after `count` matching requests.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+from dataclasses import dataclass
+
+REQUEST_KINDS = frozenset({"status", "429"})
+BODY_KINDS = frozenset({"reset", "truncate", "stall", "corrupt", "slow"})
+HOSTS = frozenset({"api", "cdn", "any"})
+METHODS = frozenset({"GET", "HEAD", "POST", "any"})
+
+
+@dataclass
+class Fault:
+    kind: str
+    path_glob: str = "*"
+    count: int = 1
+    after_bytes: int = 0  # body faults act after this many bytes of the response body
+    status: int = 503
+    retry_after: int = 1
+    seconds: float = 5.0
+    rate: int = 0  # bytes per second for "slow"
+    host: str = "any"
+    method: str = "any"
+    hits: int = 0  # how many requests this fault has been applied to
+
+    @property
+    def remaining(self) -> int:
+        return self.count - self.hits
+
+    def matches(self, host: str, method: str, path: str) -> bool:
+        return (
+            self.remaining > 0
+            and self.host in ("any", host)
+            and self.method in ("any", method)
+            and fnmatch.fnmatchcase(path, self.path_glob)
+        )
+
+
+class FaultSet:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+
+    def add(
+        self,
+        kind: str,
+        *,
+        path_glob: str = "*",
+        count: int = 1,
+        after_bytes: int = 0,
+        status: int = 503,
+        retry_after: int = 1,
+        seconds: float = 5.0,
+        rate: int = 0,
+        host: str = "any",
+        method: str = "any",
+    ) -> Fault:
+        if kind not in REQUEST_KINDS | BODY_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        if host not in HOSTS:
+            raise ValueError(f"host must be one of {sorted(HOSTS)}")
+        method = method if method == "any" else method.upper()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}")
+        if kind == "slow" and rate <= 0:
+            raise ValueError("a 'slow' fault needs rate > 0 (bytes per second)")
+        fault = Fault(kind, path_glob, count, after_bytes, status, retry_after, seconds, rate, host, method)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def list(self) -> list[Fault]:
+        with self._lock:
+            return list(self._faults)
+
+    def take(self, kinds: frozenset[str], host: str, method: str, path: str) -> Fault | None:
+        """First live fault of `kinds` matching the request; consumes one of its uses."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.kind in kinds and fault.matches(host, method, path):
+                    fault.hits += 1
+                    return fault
+        return None
+
+    def take_request_fault(self, host: str, method: str, path: str) -> Fault | None:
+        return self.take(REQUEST_KINDS, host, method, path)
+
+    def take_body_fault(self, host: str, method: str, path: str) -> Fault | None:
+        return self.take(BODY_KINDS, host, method, path)

@@ -1,0 +1,179 @@
+"""HubServer: a Hugging Face Hub look-alike on 127.0.0.1, for tests, demos and benchmarks.
+
+Two listening sockets: the API host (`url`: /api/..., /{repo}/resolve/...) and a CDN host
+(`cdn_url`) that LFS downloads are redirected to, on a different port so that clients treat
+it as a different origin, exactly as they treat the Hub's CDN.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import threading
+from dataclasses import replace
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .blobs import Blob, BlobStore
+from .faults import FaultSet
+from .handler import HubHandler
+from .httputil import UrlSigner
+from .repo import RepoStore, normalize_path
+from .stats import Stats
+from .xet import XetCas
+
+
+class _Listener(ThreadingHTTPServer):
+    daemon_threads = True  # a stalled or idle keep-alive connection must never block exit
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, addr: tuple[str, int], hub: "HubServer", kind: str):
+        super().__init__(addr, HubHandler)
+        self.hub, self.kind = hub, kind
+
+
+class HubServer:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        xet: bool = False,
+        lfs_threshold: int = 10_000,
+        tree_page_size: int = 1000,
+        host: str = "127.0.0.1",
+    ):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.tokens: set[str] = {"hf_test_token"}
+        self.faults = FaultSet()
+        self.stats = Stats()
+        self.store = RepoStore()
+        self.blobs = BlobStore(self.data_dir, lfs_threshold)
+        self.xet_cas = XetCas(self.data_dir / "xet-cas") if xet else None
+        self.tree_page_size = tree_page_size
+        self.cdn_url_ttl = 3600  # seconds a presigned CDN URL stays valid (set 0 to test expiry)
+        self.signer = UrlSigner(secrets.token_bytes(32))
+        self.stopping = threading.Event()
+        self._listeners: list[_Listener] = []
+        self._threads: list[threading.Thread] = []
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> "HubServer":
+        if self._listeners:
+            return self
+        self.stopping.clear()
+        for kind in ("api", "cdn"):
+            listener = _Listener((self.host, 0), self, kind)
+            thread = threading.Thread(target=listener.serve_forever, name=f"devhub-{kind}", daemon=True)
+            thread.start()
+            self._listeners.append(listener)
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()  # wakes stalled and throttled bodies
+        for listener in self._listeners:
+            listener.shutdown()
+            listener.server_close()
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:  # idle keep-alive connections would otherwise linger forever
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._listeners, self._threads = [], []
+
+    def __enter__(self) -> "HubServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _track(self, conn: socket.socket, alive: bool) -> None:
+        with self._conns_lock:
+            (self._conns.add if alive else self._conns.discard)(conn)
+
+    def _base_url(self, index: int) -> str:
+        if not self._listeners:
+            raise RuntimeError("HubServer is not started")
+        host, port = self._listeners[index].server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        return self._base_url(0)
+
+    @property
+    def cdn_url(self) -> str:
+        return self._base_url(1)
+
+    # -- content --------------------------------------------------------------------------
+    def add_repo(
+        self,
+        repo_id: str,
+        files: Mapping[str, bytes | Path],
+        *,
+        repo_type: str = "model",
+        branch: str = "main",
+        tags: Iterable[str] = (),
+        gated: bool = False,
+        private: bool = False,
+    ) -> str:
+        """Create a repo whose first commit holds `files`; returns the 40-hex commit sha."""
+        blobs = self._ingest(files)
+        repo = self.store.create(repo_type, repo_id, private=private, gated=gated)
+        commit = self.store.add_commit(repo, blobs, branch, "Initial commit")
+        for tag in tags:
+            self.store.set_ref(repo, "tag", tag, commit.sha)
+        return commit.sha
+
+    def commit(
+        self,
+        repo_id: str,
+        files: Mapping[str, bytes | Path],
+        *,
+        branch: str = "main",
+        repo_type: str = "model",
+        message: str = "",
+    ) -> str:
+        """New commit whose file set is exactly `files`; `branch` moves (or is created from main)."""
+        repo = self._repo(repo_type, repo_id)
+        blobs = self._ingest(files)
+        return self.store.add_commit(repo, blobs, branch, message or "Update files").sha
+
+    def create_tag(self, repo_id: str, tag: str, revision: str = "main", *, repo_type: str = "model") -> str:
+        return self.store.set_ref(self._repo(repo_type, repo_id), "tag", tag, revision)
+
+    def create_branch(self, repo_id: str, branch: str, revision: str = "main", *, repo_type: str = "model") -> str:
+        return self.store.set_ref(self._repo(repo_type, repo_id), "branch", branch, revision)
+
+    def move_repo(self, old_id: str, new_id: str, *, repo_type: str = "model") -> None:
+        """Requests for `old_id` now get a relative 307 to `new_id`, as after a Hub rename."""
+        self._repo(repo_type, new_id)
+        self.store.moved[(repo_type, old_id)] = new_id
+
+    def _repo(self, repo_type: str, repo_id: str):
+        repo = self.store.get(repo_type, repo_id)
+        if repo is None:
+            raise KeyError(f"no {repo_type} repo {repo_id}")
+        return repo
+
+    def _ingest(self, files: Mapping[str, bytes | Path]) -> dict[str, Blob]:
+        blobs = {normalize_path(p): self.blobs.ingest(c) for p, c in files.items()}
+        if self.xet_cas is not None:
+            lfs = [b for b in blobs.values() if b.lfs]
+            hashes = self.xet_cas.upload(lfs) if lfs else {}
+            blobs = {p: _with_xet(b, hashes.get(b.sha256)) for p, b in blobs.items()}
+        return blobs
+
+
+def _with_xet(blob: Blob, xet_hash: str | None) -> Blob:
+    return replace(blob, xet_hash=xet_hash) if xet_hash else blob

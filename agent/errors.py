@@ -1,0 +1,76 @@
+"""Errors by meaning. Each class carries the exit code of the public contract.
+
+Only `agent.__main__` turns an error into an exit code; everything else raises one of these
+with a one-line message that names the source, revision and path involved, never a secret.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base class: an unexpected internal error unless a subclass says otherwise."""
+
+    exit_code = 1
+    kind = "internal"
+
+
+class InvalidInput(AgentError):
+    """Bad URI, repo id, glob, option or config file."""
+
+    exit_code = 2
+    kind = "invalid_input"
+
+
+class AuthError(AgentError):
+    """Authentication or authorization refused (401/403, gated repo, denied bucket)."""
+
+    exit_code = 3
+    kind = "auth"
+
+
+class NotFound(AgentError):
+    """Repo, revision, bucket, or a prefix with no objects."""
+
+    exit_code = 4
+    kind = "not_found"
+
+
+class IntegrityError(AgentError):
+    """Size or checksum mismatch that a fresh download did not cure."""
+
+    exit_code = 5
+    kind = "integrity"
+
+
+class DiskFull(AgentError):
+    """Not enough free space, found before the first byte or on ENOSPC."""
+
+    exit_code = 6
+    kind = "disk_full"
+
+
+class TransientError(AgentError):
+    """Network trouble, 5xx, 429 or stalls that outlasted the retry budget."""
+
+    exit_code = 7
+    kind = "transient"
+
+
+class TimedOut(AgentError):
+    """`wait` ran out of time, or another writer's lease outlasted --lock-timeout."""
+
+    exit_code = 8
+    kind = "timeout"
+
+
+class Retryable(Exception):
+    """Raised inside a transfer attempt for a failure worth another try.
+
+    `reason` is a short label (``connection``, ``timeout``, ``http_503``, ``stall``, ...) used in
+    logs and the retries metric; `retry_after` is the server's Retry-After in seconds, if any.
+    """
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after

@@ -1,0 +1,120 @@
+"""Ranged HTTP GETs over one shared urllib3 pool, with every status given a meaning.
+
+Resume follows pip's rules: ask with `Range` plus `If-Range: <etag>`; a 200 to a ranged request
+means the server ignored the range (or the entity changed) and the caller must start over; a 206
+whose `Content-Range` does not start where we asked is an error, never silently appended.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
+
+from .errors import AuthError, IntegrityError, NotFound, Retryable, TransientError
+
+READ_SIZE = 1 << 20  # one recv per MiB keeps Python overhead far below the network's cost
+
+
+class RangeIgnored(Exception):
+    """The server answered a ranged request with 200: the file must be fetched from byte 0."""
+
+
+class UrlExpired(Retryable):
+    """A presigned URL was refused (403 from the CDN): re-resolve it, then try again."""
+
+    def __init__(self, message: str):
+        super().__init__("url_expired", message)
+
+
+def make_pool(workers: int, stall_timeout: float) -> urllib3.PoolManager:
+    # The read timeout is the stall watchdog: no byte for `stall_timeout` raises ReadTimeoutError.
+    return urllib3.PoolManager(
+        num_pools=16,
+        maxsize=max(workers, 4),
+        block=False,
+        retries=False,
+        timeout=urllib3.Timeout(connect=min(30.0, stall_timeout), read=stall_timeout),
+    )
+
+
+def origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc.lower()
+
+
+def retry_after(headers) -> float | None:
+    value = headers.get("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+def classify_status(status: int, headers, what: str) -> Exception:
+    """The error a non-success status means. Retryable ones are returned, not raised."""
+    if status in (401, 403):
+        if headers.get("X-Error-Code") == "GatedRepo":
+            return AuthError(f"{what}: gated repo: accept its terms on the Hub and pass a token that has access")
+        return AuthError(f"{what}: access refused (HTTP {status})")
+    if status == 404:
+        return NotFound(f"{what}: not found (HTTP 404)")
+    if status in (408, 425, 429) or 500 <= status <= 599:
+        return Retryable(f"http_{status}", f"{what}: HTTP {status}", retry_after(headers))
+    return TransientError(f"{what}: unexpected HTTP {status}")
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def check_content_range(headers, start: int, end: int, size: int, what: str) -> None:
+    m = _CONTENT_RANGE.fullmatch(headers.get("Content-Range", "").strip())
+    if not m:
+        raise Retryable("bad_range", f"{what}: 206 without a valid Content-Range")
+    got_start, got_end, total = int(m.group(1)), int(m.group(2)), m.group(3)
+    if total != "*" and int(total) != size:
+        raise IntegrityError(f"{what}: remote size is {total} bytes, the listing said {size}")
+    if got_start != start or got_end != end - 1:
+        raise Retryable("bad_range", f"{what}: asked for bytes {start}-{end - 1}, got {got_start}-{got_end}")
+
+
+def stream_body(resp: urllib3.BaseHTTPResponse, what: str) -> Iterator[memoryview]:
+    """Yield the body in large pieces; map socket trouble to Retryable reasons."""
+    buf = bytearray(READ_SIZE)
+    view = memoryview(buf)
+    try:
+        while True:
+            n = resp.readinto(buf)
+            if not n:
+                return
+            yield view[:n]
+    except ReadTimeoutError as exc:
+        raise Retryable("stall", f"{what}: no byte received for the stall timeout") from exc
+    except ProtocolError as exc:
+        reason = "truncated" if "IncompleteRead" in repr(exc) or "incomplete" in str(exc).lower() else "connection"
+        raise Retryable(reason, f"{what}: {reason} ({type(exc.__cause__ or exc).__name__})") from exc
+    except (Urllib3Error, OSError) as exc:
+        raise Retryable("connection", f"{what}: connection error ({type(exc).__name__})") from exc
+    finally:
+        resp.release_conn()
+
+
+def request(pool: urllib3.PoolManager, method: str, url: str, headers: dict, what: str) -> urllib3.BaseHTTPResponse:
+    try:
+        return pool.request(method, url, headers=headers, preload_content=False, redirect=False, decode_content=False)
+    except ReadTimeoutError as exc:
+        raise Retryable("stall", f"{what}: no response within the stall timeout") from exc
+    except (Urllib3Error, OSError) as exc:
+        raise Retryable("connection", f"{what}: connection error ({type(exc).__name__})") from exc
+
+
+def drain(resp: urllib3.BaseHTTPResponse) -> None:
+    try:
+        resp.drain_conn()
+    except Exception:  # noqa: BLE001 - a broken connection is simply not reused
+        pass
+    resp.release_conn()

@@ -1,0 +1,76 @@
+"""Read-only questions about a cache: which commit a revision means, is it ready, is it intact."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from . import checksums
+from .errors import IntegrityError, NotFound, TimedOut
+from .layout import HubCacheLayout
+from .lockfile import is_ready, read_lock
+from .log import Logger
+
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def ready_commit(layout, revision: str) -> str | None:
+    """The commit `revision` names in this cache if its snapshot is ready, else None."""
+    commit = revision if _SHA.match(revision) else layout.read_ref(revision)
+    if commit and is_ready(layout.ready_path(commit), commit):
+        return commit
+    return None
+
+
+def wait_ready(layout, revision: str, *, timeout: float, poll: float, logger: Logger, model: str,
+               clock=time.monotonic, sleep=time.sleep) -> str:
+    """Poll for the ready marker; the readiness gate of consumers' init containers."""
+    started = clock()
+    last_note = None
+    while True:
+        commit = ready_commit(layout, revision)
+        if commit:
+            logger.info("ready", f"{model}@{revision} is ready: {commit}", model=model, revision=revision, commit=commit)
+            return commit
+        waited = clock() - started
+        if waited >= timeout:
+            raise TimedOut(f"{model}@{revision}: no ready snapshot after {waited:.0f}s")
+        if last_note is None or waited - last_note >= 10:
+            last_note = waited
+            logger.info("waiting", f"waiting for {model}@{revision} to be ready ({waited:.0f}s of {timeout:.0f}s)",
+                        model=model, revision=revision, waited_s=int(waited), timeout_s=int(timeout))
+        sleep(min(poll, max(timeout - waited, 0.01)))
+
+
+def _expected(entry: dict, hub_layout: bool) -> dict[str, str]:
+    if entry.get("sha256"):
+        return {"sha256": entry["sha256"]}
+    etag = entry.get("etag") or ""
+    if hub_layout and _SHA.match(etag):
+        return {"git_sha1": etag}  # a non-LFS Hub file: its blob id is git's hash of it
+    if entry.get("md5"):
+        return {"md5": entry["md5"]}
+    return {}
+
+
+def verify_snapshot(layout, revision: str, model: str) -> tuple[str, int, int]:
+    """Re-hash every file of a ready snapshot against its lockfile. Returns (commit, files, bytes)."""
+    commit = ready_commit(layout, revision) or (revision if _SHA.match(revision) else layout.read_ref(revision))
+    if not commit:
+        raise NotFound(f"{model}@{revision}: not in the cache")
+    lock = read_lock(layout.lock_path(commit))
+    if lock is None or lock.get("commit") != commit:
+        raise NotFound(f"{model}@{commit[:12]}: no lockfile in the cache (never completed by model-agent)")
+    hub = isinstance(layout, HubCacheLayout)
+    problems, total = [], 0
+    for entry in lock["files"]:
+        path = (layout.snapshot_dir(commit) if hub else layout.root) / entry["path"]
+        bad = checksums.mismatches(Path(path), int(entry["size"]), _expected(entry, hub))
+        total += int(entry["size"])
+        if bad:
+            problems.append(f"{entry['path']}: {', '.join(bad)}")
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise IntegrityError(f"{model}@{commit[:12]}: {problems[0]}{more}")
+    return commit, len(lock["files"]), total

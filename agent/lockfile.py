@@ -1,0 +1,81 @@
+"""The lockfile (the pinned manifest of a snapshot) and the ready marker (written last)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .layout import atomic_write
+
+SCHEMA = "model-agent.lock/v1"
+
+
+@dataclass(frozen=True)
+class LockedFile:
+    path: str
+    size: int
+    sha256: str | None = None
+    etag: str | None = None
+    version: dict = field(default_factory=dict)  # source-specific: version_id, generation, crc32c, ...
+
+    def to_json(self) -> dict:
+        out = {"path": self.path, "size": self.size}
+        if self.sha256:
+            out["sha256"] = self.sha256
+        if self.etag:
+            out["etag"] = self.etag
+        out.update(self.version)
+        return out
+
+
+@dataclass(frozen=True)
+class Lock:
+    source: str  # credential-free
+    revision: str  # as requested
+    commit: str
+    files: tuple[LockedFile, ...]
+    engine: str
+    agent_version: str = __version__
+    completed_at: str = ""
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["files"] = [f.to_json() for f in self.files]
+        return {"schema": SCHEMA, **out}
+
+
+def write_lock(path: Path, lock: Lock) -> None:
+    stamp = lock.completed_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    body = {**lock.to_json(), "completed_at": stamp}
+    atomic_write(path, (json.dumps(body, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_lock(path: Path) -> dict | None:
+    """The lockfile as a dict, or None when it is missing or not ours (never raises on bad JSON)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("files"), list):
+        return None
+    return data
+
+
+def write_ready(path: Path, commit: str) -> None:
+    atomic_write(path, (commit + "\n").encode())
+
+
+def is_ready(path: Path, commit: str | None = None) -> bool:
+    """True when the marker exists (and names `commit`, when given). Readers trust nothing else."""
+    try:
+        content = path.read_text().strip()
+    except OSError:
+        return False
+    return bool(content) and (commit is None or content == commit)
+
+
+def clear_ready(path: Path) -> None:
+    path.unlink(missing_ok=True)

@@ -1,0 +1,224 @@
+"""One pull, whatever the source: resolve, plan, transfer, verify, commit.
+
+The ready marker is the only thing readers trust, so it is written last, and the ref for a
+moving revision is flipped only after it: `refs/main` never points at a snapshot that is not
+ready (sync mode relies on this to flip revisions atomically).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Settings
+from .errors import NotFound, TimedOut
+from .layout import HubCacheLayout, LocalDirLayout, temp_name
+from .lease import Lease, LeaseWatch
+from .lockfile import Lock, LockedFile, clear_ready, is_ready, read_lock, write_lock, write_ready
+from .log import Logger
+from .plan import apply_globs, check_disk_space, make_plan, partial_bytes
+from .progress import PullProgress
+from .retry import RetryPolicy
+from .sources.base import RemoteFile, Source, SourceRef, open_source
+from .sources.huggingface import COMMIT_SHA
+from .transfer import FileJob, Transfer
+
+
+@dataclass
+class PullResult:
+    model: str
+    revision: str
+    commit: str
+    path: Path  # the snapshot folder (HF layout) or the local dir
+    files: int
+    bytes_total: int
+    bytes_fetched: int
+    seconds: float
+    engine: str
+    already_ready: bool = False
+
+
+def make_layout(settings: Settings, source: Source):
+    if settings.local_dir is not None:
+        return LocalDirLayout(settings.local_dir)
+    repo_type, repo_id = source.layout_repo()
+    return HubCacheLayout(settings.cache_dir, repo_type, repo_id)
+
+
+def snapshot_path(layout, commit: str) -> Path:
+    return layout.snapshot_dir(commit) if isinstance(layout, HubCacheLayout) else layout.root
+
+
+class Pull:
+    def __init__(self, ref: SourceRef, settings: Settings, logger: Logger, *, revision: str | None = None,
+                 listeners: list | None = None, tty: bool = False):
+        self.ref = ref
+        self.settings = settings
+        self.logger = logger
+        self.source = open_source(ref, settings)
+        self.layout = make_layout(settings, self.source)
+        self.revision = revision or settings.revision or self.source.default_revision()
+        self.model = ref.model_id()
+        self.progress = PullProgress(logger, self.model, bar=tty and logger.fmt == "text",
+                                     interval=10.0, listeners=listeners)
+        if hasattr(self.source, "on_retry"):
+            self.source.on_retry = lambda reason, delay, exc: self.progress.retry(reason, delay, str(exc))
+        self.started = time.monotonic()
+
+    # -- step 1 ---------------------------------------------------------------------------------
+    def resolve(self) -> str:
+        """The commit to pull. Answers from the cache alone when that is enough (or required)."""
+        if COMMIT_SHA.match(self.revision):
+            return self.revision  # immutable: nothing to ask the network
+        if self.settings.offline:
+            commit = self.layout.read_ref(self.revision)
+            if commit and is_ready(self.layout.ready_path(commit), commit):
+                return commit
+            raise NotFound(f"{self.ref.display()}@{self.revision}: HF_HUB_OFFLINE=1 and no ready snapshot in the cache")
+        return self.source.resolve(self.revision)
+
+    def run(self) -> PullResult:
+        self.progress.set_phase("resolve")
+        commit = self.resolve()
+        if is_ready(self.layout.ready_path(commit), commit):
+            self.layout.write_ref(self.revision, commit)
+            return self._result(commit, already_ready=True)
+        if self.settings.offline:
+            raise NotFound(f"{self.ref.display()}@{commit[:12]}: HF_HUB_OFFLINE=1 and the snapshot is not ready in the cache")
+        self.progress.set_phase("waiting")
+        lease = self._acquire_lease(commit)
+        if lease is None:
+            self.layout.write_ref(self.revision, commit)
+            return self._result(commit, already_ready=True)
+        try:
+            return self._pull_locked(commit)
+        finally:
+            lease.release()
+            self.progress.stop()
+
+    # -- the lease ------------------------------------------------------------------------------
+    def _acquire_lease(self, commit: str) -> Lease | None:
+        """Hold the per-model lease, or return None once another writer has made the snapshot ready."""
+        ready = self.layout.ready_path(commit)
+        lease = Lease(self.layout.lease_path(), ttl=self.settings.lease_ttl)
+        watch = LeaseWatch(lease.path, self.settings.lease_ttl)
+        started, last_note = time.monotonic(), 0.0
+        while True:
+            if is_ready(ready, commit):
+                return None
+            if lease.try_create():
+                break
+            state, info = watch.poll()
+            if state == "stale" and info is not None and lease.take_over(info):
+                self.logger.warn("lease_takeover", f"took over a stale lease of {info.owner.get('host')}/{info.owner.get('pid')}",
+                                 model=self.model, previous_owner=info.owner)
+                break
+            if state == "free":
+                continue
+            waited = time.monotonic() - started
+            if self.settings.lock_timeout is not None and waited > self.settings.lock_timeout:
+                owner = info.owner if info else {}
+                raise TimedOut(f"{self.model}: another writer ({owner.get('host')}/{owner.get('pid')}) still holds the lease after {waited:.0f}s")
+            if waited - last_note >= 30 or last_note == 0:
+                last_note = max(waited, 0.001)
+                owner = info.owner if info else {}
+                self.logger.info("waiting_for_writer", f"{self.model}: waiting for {owner.get('host')}/{owner.get('pid')} to finish",
+                                 model=self.model, owner=owner)
+            time.sleep(min(self.settings.poll_interval, 1.0))
+        lease.start_heartbeat()
+        if is_ready(ready, commit):  # finished while we were acquiring
+            lease.release()
+            return None
+        return lease
+
+    # -- steps 2 to 5 ---------------------------------------------------------------------------
+    def _pull_locked(self, commit: str) -> PullResult:
+        what = f"{self.ref.display()}@{commit[:12]}"
+        self.progress.set_phase("plan")
+        files = apply_globs(self.source.list_files(commit), self.settings.include, self.settings.exclude, what)
+        if isinstance(self.layout, LocalDirLayout):
+            self._retire_old_local_snapshot(commit)
+        plan = make_plan(files, self.layout, trust_blobs_by_etag=isinstance(self.layout, HubCacheLayout))
+        partial_dir = self.layout.partial_dir()
+        resumable = partial_bytes(partial_dir, {f.etag for f in plan.missing})
+        check_disk_space(partial_dir, max(plan.missing_bytes - resumable, 0), self.settings.disk_margin, what)
+
+        self.progress.set_phase("transfer")
+        self.progress.start_transfer(commit, plan.total_bytes, len(files), plan.present_bytes)
+        self.logger.info("start", f"pulling {what}: {len(files)} files, {plan.missing_bytes / 2**20:.1f} MiB to fetch"
+                         if self.logger.fmt != "json" else "", model=self.model, revision=self.revision,
+                         commit=commit, files=len(files), bytes_total=plan.total_bytes, bytes_missing=plan.missing_bytes)
+        reader = self.source.reader(self.settings.engine, commit)
+        try:
+            jobs = [FileJob(f, self.layout.final_path(f.etag, f.path), partial_dir) for f in plan.missing]
+            policy = RetryPolicy(self.settings.retry_max_failures, self.settings.retry_base_delay)
+            Transfer(reader, self.progress, workers=self.settings.workers, chunk_size=self.settings.chunk_size,
+                     policy=policy).run(jobs)
+        finally:
+            reader.close()
+        engine = "+".join(sorted(getattr(reader, "used", {reader.name}))) or reader.name
+
+        self.progress.set_phase("commit")
+        self._commit(commit, files, engine)
+        self._sweep_partials(partial_dir, {f.etag for f in files})
+        self.progress.set_phase("done")
+        return self._result(commit, engine=engine, files=files)
+
+    def _retire_old_local_snapshot(self, commit: str) -> None:
+        """A local dir holds one snapshot: before any file of another commit lands, un-ready it."""
+        ready = self.layout.ready_path(commit)
+        if ready.exists() and not is_ready(ready, commit):
+            clear_ready(ready)
+
+    def _commit(self, commit: str, files: list[RemoteFile], engine: str) -> None:
+        by_etag: dict[str, RemoteFile] = {}
+        for f in files:
+            first = by_etag.setdefault(f.etag, f)
+            if isinstance(self.layout, LocalDirLayout) and first is not f:
+                self._copy_duplicate(self.layout.final_path(first.etag, first.path), self.layout.final_path(f.etag, f.path))
+            self.layout.link_file(commit, f.path, f.etag)
+        lock = Lock(
+            source=self.ref.display(), revision=self.revision, commit=commit, engine=engine,
+            files=tuple(LockedFile(f.path, f.size, f.sha256, f.etag, dict(f.version)) for f in sorted(files, key=lambda f: f.path)),
+        )
+        write_lock(self.layout.lock_path(commit), lock)
+        write_ready(self.layout.ready_path(commit), commit)
+        self.layout.write_ref(self.revision, commit)
+
+    @staticmethod
+    def _copy_duplicate(src: Path, dst: Path) -> None:
+        if dst.exists() and dst.stat().st_size == src.stat().st_size:
+            return
+        tmp = temp_name(dst)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _sweep_partials(partial_dir: Path, done_etags: set[str]) -> None:
+        """Partials of content that is now complete are garbage (left by dead writers)."""
+        if not partial_dir.is_dir():
+            return
+        for p in partial_dir.glob("*.ma-*.incomplete*"):
+            if p.name.split(".", 1)[0] in done_etags:
+                p.unlink(missing_ok=True)
+
+    def _result(self, commit: str, *, already_ready: bool = False, engine: str = "none",
+                files: list[RemoteFile] | None = None) -> PullResult:
+        if files is None:
+            lock = read_lock(self.layout.lock_path(commit)) or {}
+            entries = lock.get("files", [])
+            nfiles, total = len(entries), sum(int(e.get("size", 0)) for e in entries)
+            engine = lock.get("engine", engine)
+        else:
+            nfiles, total = len(files), sum(f.size for f in files)
+        return PullResult(
+            model=self.model, revision=self.revision, commit=commit, path=snapshot_path(self.layout, commit),
+            files=nfiles, bytes_total=total, bytes_fetched=max(self.progress.fetched, 0),
+            seconds=time.monotonic() - self.started, engine=engine, already_ready=already_ready,
+        )

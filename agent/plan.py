@@ -1,0 +1,118 @@
+"""Step 2, plan: which files to fetch, which are already there, and whether they fit on the disk."""
+
+from __future__ import annotations
+
+import fnmatch
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import checksums
+from .errors import DiskFull, InvalidInput
+from .lockfile import read_lock
+from .sources.base import RemoteFile
+
+
+def _match(path: str, pattern: str) -> bool:
+    # Same rules as huggingface_hub's filter_repo_objects: `*` crosses '/', a trailing '/' means
+    # "everything below", so `--include` behaves as users of `hf download` expect.
+    if pattern.endswith("/"):
+        pattern += "*"
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+def apply_globs(files: list[RemoteFile], include: tuple[str, ...], exclude: tuple[str, ...], what: str) -> list[RemoteFile]:
+    for pattern in (*include, *exclude):
+        if not pattern or "\x00" in pattern:
+            raise InvalidInput(f"{what}: invalid glob {pattern!r}")
+    unmatched = [p for p in include if not any(_match(f.path, p) for f in files)]
+    if unmatched:
+        raise InvalidInput(f"{what}: --include {unmatched[0]!r} matches no file ({len(files)} files listed)")
+    kept = [f for f in files if (not include or any(_match(f.path, p) for p in include))
+            and not any(_match(f.path, p) for p in exclude)]
+    if not kept:
+        raise InvalidInput(f"{what}: the include/exclude globs leave no file to download")
+    return kept
+
+
+def trusted_etags(records_dir: Path) -> set[tuple[str, str]]:
+    """(path, etag) pairs that a lockfile of ours vouches for: verified before they were promoted."""
+    trusted: set[tuple[str, str]] = set()
+    if not records_dir.is_dir():
+        return trusted
+    for lock_path in records_dir.glob("*lock.json"):
+        lock = read_lock(lock_path)
+        for entry in (lock or {}).get("files", []):
+            etag = entry.get("etag") or entry.get("sha256")
+            if isinstance(entry.get("path"), str) and etag:
+                trusted.add((entry["path"], etag))
+    return trusted
+
+
+@dataclass
+class Plan:
+    files: list[RemoteFile]  # everything in the snapshot after the globs
+    missing: list[RemoteFile] = field(default_factory=list)  # unique by etag: what to fetch
+    present_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def missing_bytes(self) -> int:
+        return sum(f.size for f in self.missing)
+
+
+def make_plan(files: list[RemoteFile], layout, *, trust_blobs_by_etag: bool) -> Plan:
+    """Subtract what is on disk already. Bytes we promoted ourselves are trusted by their lockfile
+    (or, in the HF layout, by their content-addressed name); anything else is re-hashed first."""
+    trusted = trusted_etags(layout.records)
+    trusted_keys = {etag for _, etag in trusted}
+    plan = Plan(files=files)
+    seen: set[str] = set()
+    for f in files:
+        if f.etag in seen:
+            continue  # same content under two names: fetch once
+        seen.add(f.etag)
+        final = layout.final_path(f.etag, f.path)
+        try:
+            size = final.stat().st_size
+        except OSError:
+            size = -1
+        if size != f.size:
+            ok = False
+        elif (f.path, f.etag) in trusted or (trust_blobs_by_etag and f.etag in trusted_keys):
+            ok = True
+        else:
+            ok = not checksums.mismatches(final, f.size, f.checksums)
+        if ok:
+            plan.present_bytes += f.size
+        else:
+            plan.missing.append(f)
+    return plan
+
+
+def partial_bytes(partial_dir: Path, etags: set[str]) -> int:
+    total = 0
+    if partial_dir.is_dir():
+        for p in partial_dir.glob("*.ma-*.incomplete"):
+            if p.name.split(".", 1)[0] in etags:
+                try:
+                    total += p.stat().st_size
+                except OSError:
+                    pass
+    return total
+
+
+def check_disk_space(where: Path, need: int, margin: int, what: str) -> None:
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need + margin > free:
+        gib = 2**30
+        raise DiskFull(
+            f"{what}: needs {need / gib:.2f} GiB (+{margin / gib:.2f} GiB margin) on {where}, "
+            f"only {free / gib:.2f} GiB free"
+        )

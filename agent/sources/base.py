@@ -1,0 +1,160 @@
+"""The small source interface and the registry that picks a backend by URI scheme.
+
+A source does three things: resolve what the user asked for to an immutable id, list the files
+at that id, and hand out a reader of byte ranges pinned to that id. Adding a backend adds one
+module that calls `register`; the pipeline never learns scheme names.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
+
+from ..errors import InvalidInput
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str  # relative, already checked by layout.safe_relpath
+    size: int
+    etag: str  # content key: the blob name in the HF layout, the partial-file key everywhere
+    checksums: dict = field(default_factory=dict, compare=False)  # algo -> hex: sha256, git_sha1, md5
+    xet_hash: str | None = None
+    version: dict = field(default_factory=dict, compare=False)  # recorded in the lockfile
+
+    @property
+    def sha256(self) -> str | None:
+        return self.checksums.get("sha256")
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A SOURCE argument parsed once into a typed value."""
+
+    scheme: str
+    repo_id: str = ""  # Hub repos; for object stores, --repo-id (HF layout) if given
+    repo_type: str = "model"
+    revision: str | None = None  # from `hf://org/name@rev`
+    bucket: str = ""
+    prefix: str = ""
+    account: str = ""
+    path: str = ""
+
+    def display(self) -> str:
+        """Credential-free text for logs, lockfiles and errors."""
+        if self.scheme == "hf":
+            kind = "datasets/" if self.repo_type == "dataset" else ""
+            return f"hf://{kind}{self.repo_id}"
+        if self.scheme == "file":
+            return f"file://{self.path}"
+        return f"{self.scheme}://{self.bucket}/{self.prefix}"
+
+    def model_id(self) -> str:
+        """The bounded `model` label of every metric: the repo id, else the bucket path."""
+        return self.repo_id or self.display()
+
+
+class RangeReader(ABC):
+    """Reads byte ranges of listed files. Raises `Retryable` for what is worth another try."""
+
+    ranged: ClassVar[bool] = True  # False: only whole files (partials cannot be resumed)
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes | memoryview]:
+        """Yield the bytes [start, end) of `file`, in order."""
+
+    def fetch_whole(self, file: RemoteFile, dest: str, on_bytes: Callable[[int], None]) -> None:
+        raise NotImplementedError
+
+    def for_file(self, file: RemoteFile) -> "RangeReader":
+        """The reader that handles `file`: composite readers pick per file (xet or http)."""
+        return self
+
+    def close(self) -> None:
+        return None
+
+
+class Source(ABC):
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, ref: SourceRef, settings: "Settings"):
+        self.ref = ref
+        self.settings = settings
+
+    @staticmethod
+    @abstractmethod
+    def parse(text: str) -> SourceRef:
+        """Parse SOURCE text of this backend's form; raise InvalidInput when malformed."""
+
+    @abstractmethod
+    def resolve(self, revision: str) -> str:
+        """Turn a revision (or bucket state) into an immutable id: a 40-hex commit or content id."""
+
+    @abstractmethod
+    def list_files(self, commit: str) -> list[RemoteFile]:
+        """Every file at that id, with size and checksum."""
+
+    @abstractmethod
+    def reader(self, engine: str, commit: str) -> RangeReader:
+        """A reader pinned to `commit` for the chosen engine (`auto`: the source picks per file)."""
+
+    def default_revision(self) -> str:
+        return self.ref.revision or "main"
+
+    def layout_repo(self) -> tuple[str, str]:
+        """(repo_type, repo_id) under which the HF cache layout stores this source."""
+        return self.ref.repo_type, self.ref.repo_id
+
+    def close(self) -> None:
+        return None
+
+
+_REGISTRY: dict[str, type[Source]] = {}
+
+
+def register(cls: type[Source]) -> type[Source]:
+    for scheme in cls.schemes:
+        _REGISTRY[scheme] = cls
+    return cls
+
+
+def _scheme_of(text: str) -> str:
+    m = re.match(r"^([a-z][a-z0-9+.-]*)://", text)
+    if m:
+        if m.group(1) == "https" and ".blob.core.windows.net/" in text:
+            return "az"  # Azure's own URL form names the account in the host
+        return m.group(1)
+    if text.startswith("/"):
+        return "file"
+    return "hf"  # ORG/NAME, the form everyone types
+
+
+def _load_backends() -> None:
+    # Imported for their `register` side effect; each backend imports its SDK lazily.
+    from . import huggingface  # noqa: F401
+
+    try:
+        from . import local  # noqa: F401
+    except ImportError:
+        pass
+
+
+def parse_source(text: str) -> SourceRef:
+    _load_backends()
+    scheme = _scheme_of(text.strip())
+    cls = _REGISTRY.get(scheme)
+    if cls is None:
+        known = ", ".join(sorted(s + "://" for s in _REGISTRY))
+        raise InvalidInput(f"unsupported source {text!r}: expected ORG/NAME or one of {known}")
+    return cls.parse(text.strip())
+
+
+def open_source(ref: SourceRef, settings: "Settings") -> Source:
+    _load_backends()
+    return _REGISTRY[ref.scheme](ref, settings)

@@ -1,0 +1,281 @@
+"""Fetch files into per-process temp files next to their destination: resume, retry, verify, promote.
+
+A large file is cut into ranges fetched in parallel by a shared pool of workers, each writing
+with `pwrite` at its offset. A small sidecar JSON next to the partial file records how many bytes
+of each range have landed, so a pull killed with SIGKILL continues from the bytes on disk. Partial
+files are named after the file's content key (its etag) plus an owner tag: a changed remote file
+has another key and can never be resumed into, and two writers never share a temp file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from . import checksums
+from .errors import AgentError, DiskFull, IntegrityError, Retryable
+from .httpio import RangeIgnored
+from .layout import promote
+from .retry import RetryPolicy, call_with_retry
+from .sources.base import RangeReader, RemoteFile
+
+SIDECAR_FLUSH_SECONDS = 0.5
+
+
+class Progress(Protocol):
+    def add_bytes(self, n: int) -> None: ...  # negative when a retry throws bytes away
+    def file_done(self, file: RemoteFile) -> None: ...
+    def retry(self, reason: str, delay: float, what: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class FileJob:
+    file: RemoteFile
+    final: Path  # where the verified bytes go (a blob, or the file in a local dir)
+    partial_dir: Path
+
+
+def _write_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.pwrite(fd, view, offset)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no space left while writing at offset {offset}") from None
+            raise
+        view, offset = view[n:], offset + n
+
+
+class PartialFile:
+    """One file being downloaded: its temp file, its ranges, and how far each has got."""
+
+    def __init__(self, job: FileJob, chunk_size: int, ranged: bool):
+        self.job = job
+        self.file = job.file
+        self.chunk = max(chunk_size, 1) if ranged else max(job.file.size, 1)
+        self.count = max(1, -(-job.file.size // self.chunk))
+        self.done = [0] * self.count
+        self.lock = threading.Lock()
+        self.path = job.partial_dir / f"{job.file.etag}.ma-{os.getpid()}-{uuid.uuid4().hex[:8]}.incomplete"
+        self.sidecar = self.path.with_name(self.path.name + ".json")
+        self._last_flush = 0.0
+        self.resumed_bytes = 0
+        job.partial_dir.mkdir(parents=True, exist_ok=True)
+        if ranged:
+            self._adopt()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.resumed_bytes == 0:
+            os.ftruncate(self.fd, 0)
+
+    def bounds(self, idx: int) -> tuple[int, int]:
+        start = idx * self.chunk
+        return start, min(start + self.chunk, self.file.size)
+
+    def total_done(self) -> int:
+        return sum(self.done)
+
+    def _state(self) -> dict:
+        return {"etag": self.file.etag, "size": self.file.size, "chunk": self.chunk, "done": self.done}
+
+    def _adopt(self) -> None:
+        """Take over the most complete partial a dead writer left for this same content."""
+        best: tuple[int, Path, list[int]] | None = None
+        for candidate in self.job.partial_dir.glob(f"{self.file.etag}.ma-*.incomplete"):
+            try:
+                state = json.loads(candidate.with_name(candidate.name + ".json").read_text())
+            except (OSError, ValueError):
+                continue
+            if (state.get("etag"), state.get("size"), state.get("chunk")) != (self.file.etag, self.file.size, self.chunk):
+                continue
+            done = [max(0, min(int(d), self.bounds(i)[1] - self.bounds(i)[0])) for i, d in enumerate(state.get("done", []))]
+            if len(done) == self.count and (best is None or sum(done) > best[0]):
+                best = (sum(done), candidate, done)
+        if best is None:
+            return
+        _, candidate, done = best
+        try:
+            # Renaming is the claim: if another writer got there first, this raises and we start fresh.
+            os.rename(candidate, self.path)
+        except OSError:
+            return
+        candidate.with_name(candidate.name + ".json").unlink(missing_ok=True)
+        self.done = done
+        self.resumed_bytes = sum(done)
+
+    def advance(self, idx: int, n: int) -> None:
+        with self.lock:
+            self.done[idx] += n
+            now = time.monotonic()
+            if now - self._last_flush >= SIDECAR_FLUSH_SECONDS:
+                self._flush_locked(now)
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush_locked(time.monotonic())
+
+    def _flush_locked(self, now: float) -> None:
+        # Written after the bytes it describes, so after a kill it is never ahead of the data.
+        # No fsync: a process kill keeps the page cache, and a power cut is caught by verification.
+        tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
+        tmp.write_text(json.dumps(self._state()))
+        os.replace(tmp, self.sidecar)
+        self._last_flush = now
+
+    def reset(self) -> int:
+        """Throw every byte away (bad checksum, or a server that ignores ranges); returns how many."""
+        with self.lock:
+            lost = sum(self.done)
+            self.done = [0] * self.count
+            os.ftruncate(self.fd, 0)
+            self._flush_locked(time.monotonic())
+            return lost
+
+    def close(self, keep: bool) -> None:
+        os.close(self.fd)
+        if not keep:
+            self.path.unlink(missing_ok=True)
+            self.sidecar.unlink(missing_ok=True)
+
+
+class Transfer:
+    """Runs every file's ranges on one bounded pool; the first hard error stops the rest."""
+
+    def __init__(self, reader: RangeReader, progress: Progress, *, workers: int, chunk_size: int,
+                 policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep):
+        self.reader = reader
+        self.progress = progress
+        self.workers = workers
+        self.chunk_size = chunk_size
+        self.policy = policy
+        self.sleep = sleep
+        self.stop = threading.Event()
+
+    def run(self, jobs: list[FileJob]) -> None:
+        if not jobs:
+            return
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="transfer")
+        try:
+            futures = []
+            # Biggest first: the long poles start early, small files fill the gaps.
+            for job in sorted(jobs, key=lambda j: -j.file.size):
+                futures += self._submit_file(pool, job)
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    self.stop.set()
+                    raise f.exception()  # type: ignore[misc]
+            for f in futures:
+                f.result()
+        finally:
+            self.stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit_file(self, pool: ThreadPoolExecutor, job: FileJob) -> list:
+        reader = self.reader.for_file(job.file)
+        pf = PartialFile(job, self.chunk_size, reader.ranged)
+        if pf.resumed_bytes:
+            self.progress.add_bytes(pf.resumed_bytes)
+        pending = [i for i in range(pf.count) if pf.done[i] < pf.bounds(i)[1] - pf.bounds(i)[0]]
+        if job.file.size == 0:
+            pending = [0]
+        remaining = {"n": len(pending)}
+        counter_lock = threading.Lock()
+
+        def task(idx: int) -> None:
+            try:
+                if self.stop.is_set():
+                    return
+                self._fetch(reader, pf, idx)
+                with counter_lock:
+                    remaining["n"] -= 1
+                    last = remaining["n"] == 0
+                if last:
+                    self._finish(reader, pf)
+            except BaseException:
+                self.stop.set()
+                try:
+                    pf.flush()  # keep the resume record exact for the next run
+                except OSError:
+                    pass
+                raise
+
+        return [pool.submit(task, i) for i in pending]
+
+    def _what(self, pf: PartialFile) -> str:
+        return pf.file.path
+
+    def _fetch(self, reader: RangeReader, pf: PartialFile, idx: int) -> None:
+        def attempt() -> None:
+            if not reader.ranged:
+                return self._fetch_whole(reader, pf)
+            try:
+                self._fetch_range(reader, pf, idx)
+            except RangeIgnored:
+                # The server will not do ranges for this file: one stream from byte 0.
+                self.progress.add_bytes(-pf.reset())
+                pf.chunk, pf.count, pf.done = max(pf.file.size, 1), 1, [0]
+                self._fetch_range(reader, pf, 0)
+
+        call_with_retry(
+            attempt, policy=self.policy, what=self._what(pf), progress_mark=pf.total_done,
+            on_retry=lambda reason, delay, exc: self.progress.retry(reason, delay, str(exc)), sleep=self.sleep,
+        )
+
+    def _fetch_range(self, reader: RangeReader, pf: PartialFile, idx: int) -> None:
+        start, end = pf.bounds(idx)
+        pos = start + pf.done[idx]
+        if pos >= end and pf.file.size:
+            return
+        for piece in reader.read_range(pf.file, pos, end):
+            if self.stop.is_set():
+                raise AgentError("stopped")  # another file failed for good; leave resumable state
+            n = len(piece)
+            if pos + n > end:
+                raise Retryable("overrun", f"{pf.file.path}: server sent more than the {end - start} bytes asked for")
+            _write_all(pf.fd, piece, pos)
+            pos += n
+            pf.advance(idx, n)
+            self.progress.add_bytes(n)
+        if pos != end:
+            raise Retryable("truncated", f"{pf.file.path}: body ended at byte {pos} of {end}")
+
+    def _fetch_whole(self, reader: RangeReader, pf: PartialFile) -> None:
+        got = {"n": 0}
+
+        def on_bytes(n: int) -> None:
+            got["n"] += n
+            self.progress.add_bytes(n)
+
+        try:
+            reader.fetch_whole(pf.file, str(pf.path), on_bytes)
+        except Retryable:
+            self.progress.add_bytes(-got["n"])
+            raise
+        pf.done = [pf.file.size]
+
+    def _finish(self, reader: RangeReader, pf: PartialFile) -> None:
+        """Verify, and on a mismatch download once more before giving up with IntegrityError."""
+        for attempt in (1, 2):
+            problems = checksums.mismatches(pf.path, pf.file.size, pf.file.checksums)
+            if not problems:
+                pf.close(keep=True)
+                promote(pf.path, pf.job.final)
+                pf.sidecar.unlink(missing_ok=True)
+                self.progress.file_done(pf.file)
+                return
+            if attempt == 2:
+                pf.close(keep=False)
+                raise IntegrityError(f"{pf.file.path}: {', '.join(problems)} after a fresh download")
+            self.progress.retry("integrity", 0.0, f"{pf.file.path}: {', '.join(problems)}; downloading it again")
+            self.progress.add_bytes(-pf.reset())
+            for idx in range(pf.count):
+                self._fetch(reader, pf, idx)

@@ -1,0 +1,64 @@
+"""Shared fixtures: the project's own Hub-compatible server on 127.0.0.1, generated models, and a
+way to run the real CLI in a subprocess with a clean environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.devhub import HubServer, make_demo_model, make_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "hf_test_token"
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory) -> dict[str, Path]:
+    return make_demo_model(tmp_path_factory.mktemp("demo-model"))
+
+
+@pytest.fixture(scope="session")
+def big_files(tmp_path_factory) -> dict[str, Path]:
+    """One 96 MiB file (several ranges at the test chunk size) and a few small ones."""
+    return make_model(tmp_path_factory.mktemp("big-model"), large_files=1, large_size=96 * 2**20, small_files=3)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with HubServer(tmp_path / "hub-data") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def xet_hub(tmp_path_factory, demo_files):
+    with HubServer(tmp_path_factory.mktemp("xet-hub"), xet=True) as srv:
+        srv.add_repo("org/xet-model", demo_files)
+        yield srv
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_AGENT_", "AWS_", "AZURE_"))}
+    env.update({"HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def agent_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "agent", *args]
+
+
+def run_agent(*args: str, env: dict | None = None, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(agent_cmd(*args), env=env or clean_env(**extra_env), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def pull_args(hub, repo: str, cache: Path, *more: str) -> list[str]:
+    return ["pull", repo, "--cache-dir", str(cache), "--log-format", "json", *more]
+
+
+def hub_env(hub, **extra: str) -> dict[str, str]:
+    return clean_env(HF_ENDPOINT=hub.url, **extra)

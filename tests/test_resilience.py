@@ -1,0 +1,134 @@
+"""Crashes, faults and concurrent writers, injected at the server (never by patching our code)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, agent_cmd, hub_env, pull_args, run_agent
+from test_pull import assert_snapshot, json_lines
+
+FAST_RETRY = {"MODEL_AGENT_RETRY_BASE_DELAY": "0.05", "MODEL_AGENT_RETRY_MAX_FAILURES": "4"}
+
+
+def largest(files: dict[str, Path]) -> str:
+    return max(files, key=lambda p: files[p].stat().st_size)
+
+
+def test_sigkill_then_resume_fetches_the_rest_only(hub, big_files, tmp_path):
+    commit = hub.add_repo("org/big", big_files)
+    big = largest(big_files)
+    size = big_files[big].stat().st_size
+    hub.faults.add("slow", path_glob=big, rate=6 * 2**20, count=1000)
+    cache = tmp_path / "cache"
+    args = pull_args(hub, "org/big", cache, "--chunk-size", "16Mi", "--workers", "2", "--lease-ttl", "2s")
+    proc = subprocess.Popen(agent_cmd(*args), env=hub_env(hub), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while hub.stats.bytes_sent(big) < size * 0.4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = hub.stats.bytes_sent(big)
+    assert size * 0.3 < first < size, first
+    partials = list((cache / "models--org--big" / "blobs").glob("*.incomplete"))
+    assert partials, "the killed pull left its partial file for the next one"
+
+    hub.faults.clear()
+    r = run_agent(*args, env=hub_env(hub))
+    assert r.returncode == 0, r.stderr
+    assert_snapshot(cache, "org/big", commit, big_files)
+    total = hub.stats.bytes_sent(big)
+    # Resumed: the second run fetched about what was missing (the sidecar lags by < 1 s of bytes).
+    assert total < size * 1.15, (total, size)
+    assert not list((cache / "models--org--big" / "blobs").glob("*.incomplete*"))
+
+
+@pytest.mark.parametrize("fault", [
+    {"kind": "status", "status": 503, "count": 3},
+    {"kind": "status", "status": 500, "count": 2},
+    {"kind": "429", "retry_after": 1, "count": 2},
+    {"kind": "reset", "after_bytes": 2**20, "count": 3},
+    {"kind": "truncate", "after_bytes": 5 * 2**20, "count": 2},
+    {"kind": "stall", "after_bytes": 2**20, "seconds": 20, "count": 1},
+    {"kind": "corrupt", "after_bytes": 1000, "count": 1},
+])
+@pytest.mark.parametrize("engine", ["http", "hf_transfer"])
+def test_transient_faults_are_retried_until_the_snapshot_is_right(hub, big_files, tmp_path, fault, engine):
+    commit = hub.add_repo("org/big", big_files)
+    fault = dict(fault)
+    hub.faults.add(fault.pop("kind"), path_glob=largest(big_files), host="cdn", **fault)
+    cache = tmp_path / "cache"
+    r = run_agent(*pull_args(hub, "org/big", cache, "--chunk-size", "16Mi", "--stall-timeout", "1s", "--engine", engine),
+                  env=hub_env(hub, **FAST_RETRY), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert_snapshot(cache, "org/big", commit, big_files)
+    events = [e for e in json_lines(r.stderr) if e["event"] == "retry"]
+    assert events, "the fault was injected but no retry was logged"
+
+
+def test_persistent_corruption_is_exit_5_and_no_marker(hub, big_files, tmp_path):
+    commit = hub.add_repo("org/big", big_files)
+    hub.faults.add("corrupt", path_glob=largest(big_files), after_bytes=10, count=10_000)
+    cache = tmp_path / "cache"
+    r = run_agent(*pull_args(hub, "org/big", cache, "--chunk-size", "16Mi"), env=hub_env(hub))
+    assert r.returncode == 5, r.stderr
+    assert "sha256" in r.stderr
+    assert not (cache / "models--org--big" / ".model-agent" / f"{commit}.ready").exists()
+
+
+def test_persistent_5xx_is_exit_7(hub, demo_files, tmp_path):
+    hub.add_repo("org/model", demo_files)
+    hub.faults.add("status", status=503, count=10_000, path_glob="model.safetensors")
+    r = run_agent(*pull_args(hub, "org/model", tmp_path / "c"), env=hub_env(hub, **FAST_RETRY))
+    assert r.returncode == 7, r.stderr
+    assert "gave up" in r.stderr
+
+
+def test_four_concurrent_pulls_transfer_the_bytes_once(hub, big_files, tmp_path):
+    commit = hub.add_repo("org/big", big_files)
+    big = largest(big_files)
+    hub.faults.add("slow", path_glob=big, rate=40 * 2**20, count=1000)
+    cache = tmp_path / "cache"
+    args = pull_args(hub, "org/big", cache, "--chunk-size", "16Mi")
+    procs = [subprocess.Popen(agent_cmd(*args), env=hub_env(hub), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1][-500:] for o in outs]
+    assert_snapshot(cache, "org/big", commit, big_files)
+    size = big_files[big].stat().st_size
+    assert hub.stats.bytes_sent(big) <= size * 1.05
+    waited = sum(1 for _, err in outs if any(e["event"] == "waiting_for_writer" for e in json_lines(err)))
+    assert waited >= 1
+
+
+def test_a_dead_writers_lease_is_taken_over_after_its_ttl(hub, demo_files, tmp_path):
+    commit = hub.add_repo("org/model", demo_files)
+    cache = tmp_path / "cache"
+    lease = cache / ".locks" / "models--org--model" / "model-agent.lease"
+    lease.parent.mkdir(parents=True)
+    lease.write_text(json.dumps({"host": "node-gone", "pid": 4242, "token": "x", "heartbeat": 1, "ttl_seconds": 1}))
+    started = time.monotonic()
+    r = run_agent(*pull_args(hub, "org/model", cache, "--lease-ttl", "1s"), env=hub_env(hub))
+    assert r.returncode == 0, r.stderr
+    assert any(e["event"] == "lease_takeover" for e in json_lines(r.stderr))
+    assert time.monotonic() - started < 30
+    assert_snapshot(cache, "org/model", commit, demo_files)
+    assert not lease.exists()
+
+
+def test_lock_timeout_is_exit_8_while_a_live_writer_holds_the_lease(hub, demo_files, tmp_path):
+    hub.add_repo("org/model", demo_files)
+    cache = tmp_path / "cache"
+    lease = cache / ".locks" / "models--org--model" / "model-agent.lease"
+    lease.parent.mkdir(parents=True)
+    proc = subprocess.Popen(["bash", "-c", f"for i in $(seq 100); do echo '{{\"heartbeat\": '$i'}}' > {lease}; sleep 0.2; done"])
+    try:
+        r = run_agent(*pull_args(hub, "org/model", cache, "--lock-timeout", "2s", "--lease-ttl", "1s"), env=hub_env(hub))
+    finally:
+        proc.kill()
+    assert r.returncode == 8, r.stderr
