@@ -20,10 +20,6 @@ from .errors import AuthError, IntegrityError, NotFound, Retryable, TransientErr
 READ_SIZE = 1 << 20  # one recv per MiB keeps Python overhead far below the network's cost
 
 
-class RangeIgnored(Exception):
-    """The server answered a ranged request with 200: the file must be fetched from byte 0."""
-
-
 class UrlExpired(Retryable):
     """A presigned URL was refused (403 from the CDN): re-resolve it, then try again."""
 
@@ -101,6 +97,18 @@ def stream_body(resp: urllib3.BaseHTTPResponse, what: str) -> Iterator[memoryvie
         raise Retryable("connection", f"{what}: connection error ({type(exc).__name__})") from exc
     finally:
         resp.release_conn()
+
+
+def skip_to(pieces: Iterator[memoryview], start: int, end: int) -> Iterator[memoryview]:
+    """From a body that starts at byte 0, yield only the bytes [start, end)."""
+    pos = 0
+    for piece in pieces:
+        lo, hi = max(start - pos, 0), min(end - pos, len(piece))
+        if lo < hi:
+            yield piece[lo:hi]
+        pos += len(piece)
+        if pos >= end:
+            return
 
 
 def request(pool: urllib3.PoolManager, method: str, url: str, headers: dict, what: str) -> urllib3.BaseHTTPResponse:

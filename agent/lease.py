@@ -59,7 +59,7 @@ class Lease:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "token": self.token,
+            "id": self.token,
             "heartbeat": self._beat,
             "ttl_seconds": self.ttl,
         }
@@ -91,7 +91,7 @@ class Lease:
 
     def owned(self) -> bool:
         info = _read(self.path)
-        return info is not None and info.owner.get("token") == self.token
+        return info is not None and info.owner.get("id") == self.token
 
     def start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)

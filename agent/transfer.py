@@ -22,7 +22,6 @@ from typing import Callable, Protocol
 
 from . import checksums
 from .errors import AgentError, DiskFull, IntegrityError, Retryable
-from .httpio import RangeIgnored
 from .layout import promote
 from .retry import RetryPolicy, call_with_retry
 from .sources.base import RangeReader, RemoteFile
@@ -217,13 +216,7 @@ class Transfer:
         def attempt() -> None:
             if not reader.ranged:
                 return self._fetch_whole(reader, pf)
-            try:
-                self._fetch_range(reader, pf, idx)
-            except RangeIgnored:
-                # The server will not do ranges for this file: one stream from byte 0.
-                self.progress.add_bytes(-pf.reset())
-                pf.chunk, pf.count, pf.done = max(pf.file.size, 1), 1, [0]
-                self._fetch_range(reader, pf, 0)
+            self._fetch_range(reader, pf, idx)
 
         call_with_retry(
             attempt, policy=self.policy, what=self._what(pf), progress_mark=pf.total_done,

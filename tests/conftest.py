@@ -42,6 +42,7 @@ def xet_hub(tmp_path_factory, demo_files):
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_AGENT_", "AWS_", "AZURE_"))}
+    env["MODEL_AGENT_DEBUG"] = "1"
     env.update({"HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env

@@ -61,14 +61,17 @@ def test_sigkill_then_resume_fetches_the_rest_only(hub, big_files, tmp_path):
 def test_transient_faults_are_retried_until_the_snapshot_is_right(hub, big_files, tmp_path, fault, engine):
     commit = hub.add_repo("org/big", big_files)
     fault = dict(fault)
-    hub.faults.add(fault.pop("kind"), path_glob=largest(big_files), host="cdn", **fault)
+    injected = hub.faults.add(fault.pop("kind"), path_glob=largest(big_files), host="cdn", **fault)
     cache = tmp_path / "cache"
     r = run_agent(*pull_args(hub, "org/big", cache, "--chunk-size", "16Mi", "--stall-timeout", "1s", "--engine", engine),
                   env=hub_env(hub, **FAST_RETRY), timeout=120)
     assert r.returncode == 0, r.stderr
     assert_snapshot(cache, "org/big", commit, big_files)
+    assert injected.remaining == 0, "the fault never fired"
     events = [e for e in json_lines(r.stderr) if e["event"] == "retry"]
-    assert events, "the fault was injected but no retry was logged"
+    # hf_transfer absorbs connection-level faults with its own retries; everything else is ours.
+    if engine == "http" or fault.get("status") or "retry_after" in fault:
+        assert events, "the fault was injected but no retry was logged"
 
 
 def test_persistent_corruption_is_exit_5_and_no_marker(hub, big_files, tmp_path):
@@ -111,7 +114,7 @@ def test_a_dead_writers_lease_is_taken_over_after_its_ttl(hub, demo_files, tmp_p
     cache = tmp_path / "cache"
     lease = cache / ".locks" / "models--org--model" / "model-agent.lease"
     lease.parent.mkdir(parents=True)
-    lease.write_text(json.dumps({"host": "node-gone", "pid": 4242, "token": "x", "heartbeat": 1, "ttl_seconds": 1}))
+    lease.write_text(json.dumps({"host": "node-gone", "pid": 4242, "id": "x", "heartbeat": 1, "ttl_seconds": 1}))
     started = time.monotonic()
     r = run_agent(*pull_args(hub, "org/model", cache, "--lease-ttl", "1s"), env=hub_env(hub))
     assert r.returncode == 0, r.stderr

@@ -37,12 +37,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise Unsatisfiable
         return max(size - n, 0), size - 1
     start = int(first)
-    end = int(last) if last else size - 1
-    if end < start:
+    if last and int(last) < start:
         return None  # syntactically invalid per RFC 9110: ignore the header
     if start >= size:
         raise Unsatisfiable
-    return start, min(end, size - 1)
+    return start, min(int(last), size - 1) if last else size - 1
 
 
 def if_range_allows(if_range: str | None, etag_quoted: str, last_modified: str) -> bool:

@@ -69,7 +69,10 @@ class HubServer:
         self.stopping.clear()
         for kind in ("api", "cdn"):
             listener = _Listener((self.host, 0), self, kind)
-            thread = threading.Thread(target=listener.serve_forever, name=f"devhub-{kind}", daemon=True)
+            # short poll interval: stop() waits up to one interval per listener
+            thread = threading.Thread(
+                target=listener.serve_forever, args=(0.05,), name=f"devhub-{kind}", daemon=True
+            )
             thread.start()
             self._listeners.append(listener)
             self._threads.append(thread)

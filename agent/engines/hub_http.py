@@ -28,6 +28,7 @@ class HubHttpReader(RangeReader):
         self.pool = httpio.make_pool(self.settings.workers, self.settings.stall_timeout)
         self._hub_origin = httpio.origin(self.settings.hf_endpoint)
         self._locations: dict[str, str] = {}
+        self._validators: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def headers_for(self, url: str) -> dict[str, str]:
@@ -64,17 +65,25 @@ class HubHttpReader(RangeReader):
 
     def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[memoryview]:
         what = self.what(file)
-        whole = start == 0 and end == file.size
-        extra = {} if whole else {"Range": f"bytes={start}-{end - 1}", "If-Range": f'"{file.etag}"'}
-        if file.size == 0:
-            extra = {}
+        whole = (start == 0 and end == file.size) or file.size == 0
+        extra: dict[str, str] = {}
+        if not whole:
+            extra["Range"] = f"bytes={start}-{end - 1}"
+            validator = self._validators.get(file.path)
+            if validator:
+                # The validator of the URL that served the earlier bytes (a CDN's ETag is its own,
+                # not the file's sha256): if the entity changed, the server sends 200 instead.
+                extra["If-Range"] = validator
         resp, url = self.open(file, extra)
+        if resp.status in (200, 206) and resp.headers.get("ETag"):
+            self._validators.setdefault(file.path, resp.headers["ETag"])
         if resp.status == 206 and not whole:
             httpio.check_content_range(resp.headers, start, end, file.size, what)
+            yield from httpio.stream_body(resp, what)
         elif resp.status == 200:
-            if not whole:
-                httpio.drain(resp)
-                raise httpio.RangeIgnored(what)
+            # A 200 to a ranged request: the server ignored the range or the entity changed. The
+            # body starts at byte 0, so skip to `start` rather than write it at the wrong offset.
+            yield from httpio.skip_to(httpio.stream_body(resp, what), start, end)
         elif resp.status == 403 and httpio.origin(url) != self._hub_origin:
             httpio.drain(resp)
             self.forget_location(file)  # a presigned URL expired: ask the Hub for a fresh one
@@ -82,7 +91,6 @@ class HubHttpReader(RangeReader):
         else:
             httpio.drain(resp)
             raise httpio.classify_status(resp.status, resp.headers, what)
-        yield from httpio.stream_body(resp, what)
 
     def close(self) -> None:
         self.pool.clear()
