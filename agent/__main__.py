@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from . import __version__
@@ -76,8 +78,18 @@ def make_logger(settings: Settings) -> Logger:
     return Logger(fmt)
 
 
+class Terminated(BaseException):
+    """SIGTERM (pod deletion, node drain): unwind so the lease is released and resume records flushed."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
 def run(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
     env = dict(os.environ if env is None else env)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     args = build_parser().parse_args(argv)
     logger = Logger("text")
     try:
@@ -96,6 +108,9 @@ def run(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) ->
     except KeyboardInterrupt:
         logger.error("interrupted", "interrupted; partial files are kept and the next pull resumes them")
         return 130
+    except Terminated:
+        logger.error("terminated", "SIGTERM; partial files are kept and the next pull resumes them")
+        return 143
     except Exception as exc:  # noqa: BLE001 - the one place that turns the unexpected into exit 1
         logger.error("internal", redact(f"internal error: {type(exc).__name__}: {exc}"), exit_code=1)
         if env.get("MODEL_AGENT_DEBUG"):

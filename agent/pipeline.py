@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,11 @@ class Pull:
                          if self.logger.fmt != "json" else "", model=self.model, revision=self.revision,
                          commit=commit, files=len(files), bytes_total=plan.total_bytes, bytes_missing=plan.missing_bytes)
         reader = self.source.reader(self.settings.engine, commit)
+        chosen = Counter(reader.for_file(f).name for f in plan.missing)
+        if chosen:
+            self.logger.info("engine", f"engine {self.settings.engine}: " + ", ".join(f"{n} files via {e}" for e, n in chosen.items())
+                             if self.logger.fmt != "json" else "", model=self.model, requested=self.settings.engine,
+                             chosen=dict(chosen))
         try:
             jobs = [FileJob(f, self.layout.final_path(f.etag, f.path), partial_dir) for f in plan.missing]
             policy = RetryPolicy(self.settings.retry_max_failures, self.settings.retry_base_delay)

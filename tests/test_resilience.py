@@ -135,3 +135,30 @@ def test_lock_timeout_is_exit_8_while_a_live_writer_holds_the_lease(hub, demo_fi
     finally:
         proc.kill()
     assert r.returncode == 8, r.stderr
+
+
+def test_sigterm_releases_the_lease_and_keeps_partials(hub, big_files, tmp_path):
+    hub.add_repo("org/big", big_files)
+    big = largest(big_files)
+    hub.faults.add("slow", path_glob=big, rate=8 * 2**20, count=1000)
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(agent_cmd(*pull_args(hub, "org/big", cache, "--chunk-size", "16Mi")), env=hub_env(hub),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while hub.stats.bytes_sent(big) < 20 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert not (cache / ".locks" / "models--org--big" / "model-agent.lease").exists()
+    sidecars = list((cache / "models--org--big" / "blobs").glob("*.incomplete.json"))
+    assert sidecars and sum(sum(json.loads(p.read_text())["done"]) for p in sidecars) > 0
+
+
+def test_hub_api_errors_are_retried(hub, demo_files, tmp_path):
+    commit = hub.add_repo("org/model", demo_files)
+    fault = hub.faults.add("status", status=503, count=2, host="api", path_glob="*")
+    r = run_agent(*pull_args(hub, "org/model", tmp_path / "c"), env=hub_env(hub, **FAST_RETRY))
+    assert r.returncode == 0, r.stderr
+    assert fault.remaining == 0
+    assert_snapshot(tmp_path / "c", "org/model", commit, demo_files)

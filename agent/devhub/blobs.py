@@ -48,48 +48,52 @@ def git_blob_oid(data: bytes) -> str:
     return h.hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    """Streaming sha256 in 8 MiB reads; hashlib releases the GIL so servers stay responsive."""
-    h = hashlib.sha256()
+def hash_file(path: Path, size: int, *, git: bool) -> tuple[str, str | None]:
+    """Streaming sha256 (and git blob sha1 if `git`) in 8 MiB reads: memory stays flat and
+    hashlib releases the GIL, so a server hashing a big file keeps answering requests."""
+    sha = hashlib.sha256()
+    blob = hashlib.sha1(b"blob %d\0" % size) if git else None
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(HASH_PIECE)
         view = memoryview(buf)
         while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+            sha.update(view[:n])
+            if blob is not None:
+                blob.update(view[:n])
+    return sha.hexdigest(), blob.hexdigest() if blob is not None else None
 
 
 class _HashCache:
-    """Remembers sha256 of big files by (path, size, mtime) across runs.
+    """Remembers hashes of big files by (path, size, mtime) across runs.
 
     Benchmarks re-serve the same multi-GB files many times; re-hashing them each start
     would dominate the setup time.
     """
 
+    MIN_SIZE = 1024 * 1024  # smaller files hash faster than the cache costs
+
     def __init__(self, file: Path):
         self._file = file
         self._lock = threading.Lock()
         try:
-            self._data: dict[str, str] = json.loads(file.read_text())
+            self._data: dict[str, list] = json.loads(file.read_text())
         except (OSError, ValueError):
             self._data = {}
 
-    @staticmethod
-    def _key(path: Path, st: os.stat_result) -> str:
-        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-
-    def sha256(self, path: Path, st: os.stat_result) -> str:
-        key = self._key(path, st)
+    def hashes(self, path: Path, st: os.stat_result, *, git: bool) -> tuple[str, str | None]:
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         with self._lock:
-            if key in self._data:
-                return self._data[key]
-        digest = sha256_file(path)
-        with self._lock:
-            self._data[key] = digest
-            tmp = self._file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._data))
-            tmp.replace(self._file)
-        return digest
+            hit = self._data.get(key)
+        if hit and (hit[1] or not git):
+            return hit[0], hit[1]
+        sha256, oid = hash_file(path, st.st_size, git=git)
+        if st.st_size >= self.MIN_SIZE:
+            with self._lock:
+                self._data[key] = [sha256, oid]
+                tmp = self._file.with_name(f"{self._file.name}.{threading.get_ident()}.tmp")
+                tmp.write_text(json.dumps(self._data))
+                tmp.replace(self._file)
+        return sha256, oid
 
 
 class BlobStore:
@@ -108,12 +112,12 @@ class BlobStore:
             return self._ingest_path(Path(content))
         raise TypeError(f"file content must be bytes or Path, not {type(content).__name__}")
 
-    def _make_blob(self, path: Path, size: int, sha256: str, small: bytes | None) -> Blob:
+    def _make_blob(self, path: Path, size: int, sha256: str, content_oid: str | None) -> Blob:
         if size >= self.lfs_threshold:
             pointer = lfs_pointer(sha256, size)
             return Blob(path, size, sha256, git_blob_oid(pointer), True, len(pointer))
-        assert small is not None
-        return Blob(path, size, sha256, git_blob_oid(small), False, 0)
+        assert content_oid is not None
+        return Blob(path, size, sha256, content_oid, False, 0)
 
     def _ingest_bytes(self, data: bytes) -> Blob:
         sha256 = hashlib.sha256(data).hexdigest()
@@ -123,11 +127,11 @@ class BlobStore:
             tmp = target.with_name(f"{sha256}.{threading.get_ident()}.tmp")
             tmp.write_bytes(data)
             tmp.replace(target)
-        return self._make_blob(target, len(data), sha256, data)
+        oid = git_blob_oid(data) if len(data) < self.lfs_threshold else None
+        return self._make_blob(target, len(data), sha256, oid)
 
     def _ingest_path(self, path: Path) -> Blob:
         st = path.stat()
-        if st.st_size < self.lfs_threshold:
-            data = path.read_bytes()  # small by definition: below the LFS threshold
-            return self._make_blob(path, len(data), hashlib.sha256(data).hexdigest(), data)
-        return self._make_blob(path, st.st_size, self._cache.sha256(path, st), None)
+        # git's content oid is only needed for regular files; LFS files are known by sha256
+        sha256, oid = self._cache.hashes(path, st, git=st.st_size < self.lfs_threshold)
+        return self._make_blob(path, st.st_size, sha256, oid)

@@ -15,7 +15,9 @@ PIECE = 8 * 1024 * 1024
 _DTYPE_SIZE = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
 
 
-def safetensors_header(tensors: list[tuple[str, str, list[int]]], metadata: dict | None = None) -> tuple[bytes, int]:
+def safetensors_header(
+    tensors: list[tuple[str, str, list[int]]], metadata: dict | None = None
+) -> tuple[bytes, int]:
     """(8-byte little-endian length + JSON header, size of the data section) for `tensors`."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -73,15 +75,24 @@ def make_demo_model(dest_dir: Path) -> dict[str, Path]:
         "num_key_value_heads": 8, "vocab_size": vocab, "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5, "torch_dtype": "float16", "bos_token_id": 1, "eos_token_id": 2,
     }
-    files = {
-        "config.json": _write_json(dest / "config.json", config),
-        "generation_config.json": _write_json(dest / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "max_new_tokens": 32}),
-        "tokenizer.json": _write_json(dest / "tokenizer.json", _tokenizer(vocab)),
-        "tokenizer_config.json": _write_json(dest / "tokenizer_config.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 2048, "tokenizer_class": "PreTrainedTokenizerFast"}),
-        "original/params.json": _write_json(dest / "original" / "params.json", {"dim": hidden, "n_layers": 1, "n_heads": 8, "vocab_size": vocab, "norm_eps": 1e-5}),
+    tokenizer_config = {
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": 2048, "tokenizer_class": "PreTrainedTokenizerFast",
     }
+    docs = {
+        "config.json": config,
+        "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "max_new_tokens": 32},
+        "tokenizer.json": _tokenizer(vocab),
+        "tokenizer_config.json": tokenizer_config,
+        # a nested file, so clients must create sub-directories
+        "original/params.json": {"dim": hidden, "n_layers": 1, "n_heads": 8, "vocab_size": vocab, "norm_eps": 1e-5},
+    }
+    files = {name: _write_json(dest / name, doc) for name, doc in docs.items()}
     readme = dest / "README.md"
-    readme.write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\ntags:\n- demo\n---\n\n# Demo model\n\nA tiny random llama-shaped model served by the dev hub.\n")
+    readme.write_text(
+        "---\nlicense: apache-2.0\nlibrary_name: transformers\ntags:\n- demo\n---\n\n"
+        "# Demo model\n\nA tiny random llama-shaped model served by the dev hub.\n"
+    )
     files["README.md"] = readme
     files["model.safetensors"] = _demo_safetensors(dest / "model.safetensors", hidden, vocab)
     return files
@@ -161,10 +172,12 @@ def make_model(
     dest.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     for i in range(large_files):
-        name = "model.safetensors" if large_files == 1 else f"model-{i + 1:05d}-of-{large_files:05d}.safetensors"
+        # transformers' shard naming, so loaders that glob for shards find them
+        name = f"model-{i + 1:05d}-of-{large_files:05d}.safetensors" if large_files > 1 else "model.safetensors"
         files[name] = _write_large(dest / name, large_size, seed * 1_000_003 + i)
     rng = random.Random(seed)
-    names = ["config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "README.md"]
+    names = ["config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json"]
+    names.append("README.md")
     names += [f"extra/file_{i:03d}.json" for i in range(max(0, small_files - len(names)))]
     for name in names[:small_files]:
         path = dest / name

@@ -103,7 +103,8 @@ class Repo:
         if revision in self.commits:
             return self.commits[revision]
         if _SHA_PREFIX.match(revision):
-            hits = [c for sha, c in self.commits.items() if sha.startswith(revision)]
+            # list(): a test thread may be committing while a request thread resolves
+            hits = [c for sha, c in list(self.commits.items()) if sha.startswith(revision)]
             if len(hits) == 1:
                 return hits[0]
         return None

@@ -110,9 +110,9 @@ def refs(repo: Repo) -> dict:
         return {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": sha}
 
     return {
-        "branches": [ref("heads", n, s) for n, s in sorted(repo.branches.items())],
+        "branches": [ref("heads", n, s) for n, s in sorted(dict(repo.branches).items())],
         "converts": [],
-        "tags": [ref("tags", n, s) for n, s in sorted(repo.tags.items())],
+        "tags": [ref("tags", n, s) for n, s in sorted(dict(repo.tags).items())],
         "pullRequests": [],
     }
 
