@@ -38,12 +38,15 @@ class Lock:
     commit: str
     files: tuple[LockedFile, ...]
     engine: str
+    include: tuple[str, ...] = ()  # the filters this snapshot was pulled with
+    exclude: tuple[str, ...] = ()
     agent_version: str = __version__
     completed_at: str = ""
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["files"] = [f.to_json() for f in self.files]
+        out["include"], out["exclude"] = list(self.include), list(self.exclude)
         return {"schema": SCHEMA, **out}
 
 

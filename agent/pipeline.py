@@ -83,7 +83,7 @@ class Pull:
     def run(self) -> PullResult:
         self.progress.set_phase("resolve")
         commit = self.resolve()
-        if is_ready(self.layout.ready_path(commit), commit):
+        if self._ready_for_request(commit):
             self.layout.write_ref(self.revision, commit)
             return self._result(commit, already_ready=True)
         if self.settings.offline:
@@ -99,15 +99,22 @@ class Pull:
             lease.release()
             self.progress.stop()
 
+    def _ready_for_request(self, commit: str) -> bool:
+        """Ready, and pulled with the same include/exclude (a subset pulled earlier is not enough)."""
+        if not is_ready(self.layout.ready_path(commit), commit):
+            return False
+        lock = read_lock(self.layout.lock_path(commit)) or {}
+        same = (tuple(lock.get("include", ())), tuple(lock.get("exclude", ()))) == (self.settings.include, self.settings.exclude)
+        return same or self.settings.offline
+
     # -- the lease ------------------------------------------------------------------------------
     def _acquire_lease(self, commit: str) -> Lease | None:
         """Hold the per-model lease, or return None once another writer has made the snapshot ready."""
-        ready = self.layout.ready_path(commit)
         lease = Lease(self.layout.lease_path(), ttl=self.settings.lease_ttl)
         watch = LeaseWatch(lease.path, self.settings.lease_ttl)
         started, last_note = time.monotonic(), 0.0
         while True:
-            if is_ready(ready, commit):
+            if self._ready_for_request(commit):
                 return None
             if lease.try_create():
                 break
@@ -129,7 +136,7 @@ class Pull:
                                  model=self.model, owner=owner)
             time.sleep(min(self.settings.poll_interval, 1.0))
         lease.start_heartbeat()
-        if is_ready(ready, commit):  # finished while we were acquiring
+        if self._ready_for_request(commit):  # finished while we were acquiring
             lease.release()
             return None
         return lease
@@ -185,9 +192,17 @@ class Pull:
             if isinstance(self.layout, LocalDirLayout) and first is not f:
                 self._copy_duplicate(self.layout.final_path(first.etag, first.path), self.layout.final_path(f.etag, f.path))
             self.layout.link_file(commit, f.path, f.etag)
+        entries = {f.path: LockedFile(f.path, f.size, f.sha256, f.etag, dict(f.version)) for f in files}
+        previous = read_lock(self.layout.lock_path(commit)) if is_ready(self.layout.ready_path(commit), commit) else None
+        for old in (previous or {}).get("files", []):
+            # Same commit pulled before with other filters: its files are still there and verified.
+            if isinstance(layout_path := old.get("path"), str) and layout_path not in entries:
+                extra = {k: v for k, v in old.items() if k not in ("path", "size", "sha256", "etag")}
+                entries[layout_path] = LockedFile(layout_path, int(old["size"]), old.get("sha256"), old.get("etag"), extra)
         lock = Lock(
             source=self.ref.display(), revision=self.revision, commit=commit, engine=engine,
-            files=tuple(LockedFile(f.path, f.size, f.sha256, f.etag, dict(f.version)) for f in sorted(files, key=lambda f: f.path)),
+            include=self.settings.include, exclude=self.settings.exclude,
+            files=tuple(entries[p] for p in sorted(entries)),
         )
         write_lock(self.layout.lock_path(commit), lock)
         write_ready(self.layout.ready_path(commit), commit)

@@ -379,3 +379,13 @@ def test_make_model_is_exact_valid_and_not_repetitive(tmp_path):
     before = large[0].stat().st_mtime_ns
     again = make_model(tmp_path / "m", large_files=2, large_size=9 * 1024 * 1024 + 3, small_files=3, seed=5)
     assert again[large[0].name].stat().st_mtime_ns == before  # reused, not rewritten
+
+
+def test_restart_keeps_urls_and_repos(hub):
+    url, cdn = hub.url, hub.cdn_url
+    hub.stop()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/api/models/{REPO}")
+    hub.start()
+    assert (hub.url, hub.cdn_url) == (url, cdn)
+    assert httpx.get(f"{url}/api/models/{REPO}").json()["sha"] == hub.demo_sha

@@ -216,3 +216,15 @@ def test_demo_runs_offline(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Snapshot ready" in r.stdout
     assert list((tmp_path / "mc").glob("models--*/.model-agent/*.ready"))
+
+
+def test_a_subset_pulled_first_does_not_satisfy_a_full_pull(hub, demo_files, tmp_path):
+    commit = hub.add_repo("org/model", demo_files)
+    cache = tmp_path / "cache"
+    assert run_agent(*pull_args(hub, "org/model", cache, "--include", "*.json"), env=hub_env(hub)).returncode == 0
+    r = run_agent(*pull_args(hub, "org/model", cache), env=hub_env(hub))
+    assert r.returncode == 0, r.stderr
+    assert json_lines(r.stderr)[-1]["already_ready"] is False
+    assert_snapshot(cache, "org/model", commit, demo_files)
+    lock = json.loads((cache / "models--org--model" / ".model-agent" / f"{commit}.lock.json").read_text())
+    assert {f["path"] for f in lock["files"]} == set(demo_files)

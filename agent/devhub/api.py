@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from . import views
-from .repo import Commit, Repo, RepoStore
+from .files import resolve
+from .repo import Repo, RepoStore
 from .xet import TOKEN_TTL
 
 if TYPE_CHECKING:
@@ -47,8 +48,6 @@ def route(h: "HubHandler", req: "Request") -> None:
         return
     if _redirect_moved(h, req, repo_type, repo_id):
         return
-    from .files import resolve
-
     resolve(h, req, repo_type, repo_id, rest[1], "/".join(rest[2:]))
 
 
@@ -89,15 +88,8 @@ def _route_api(h: "HubHandler", req: "Request", segs: list[str]) -> None:
         handler(h, req, repo, rest[1:])
 
 
-def resolve_commit(h: "HubHandler", repo: Repo, revision: str) -> Commit | None:
-    commit = repo.resolve(revision)
-    if commit is None:
-        h.respond_error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-    return commit
-
-
 def _info(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]) -> None:
-    commit = resolve_commit(h, repo, "/".join(rest) or "main")
+    commit = h.resolve_commit(repo, "/".join(rest) or "main")
     if commit is None:
         return
     expand = req.query.get("expand") or req.query.get("expand[]")
@@ -106,7 +98,7 @@ def _info(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]) -> None:
 
 
 def _tree(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]) -> None:
-    commit = resolve_commit(h, repo, rest[0] if rest else "main")
+    commit = h.resolve_commit(repo, rest[0] if rest else "main")
     if commit is None:
         return
     base = "/".join(rest[1:]).strip("/")
@@ -133,7 +125,7 @@ def _tree(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]) -> None:
 
 
 def _paths_info(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]) -> None:
-    commit = resolve_commit(h, repo, "/".join(rest) or "main")
+    commit = h.resolve_commit(repo, "/".join(rest) or "main")
     if commit is None:
         return
     form = req.form()
@@ -147,7 +139,7 @@ def _refs(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]) -> None:
 
 
 def _commits(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]) -> None:
-    commit = resolve_commit(h, repo, "/".join(rest) or "main")
+    commit = h.resolve_commit(repo, "/".join(rest) or "main")
     if commit is not None:
         h.respond_json(200, [views.commit_entry(c) for c in repo.history(commit)])
 
@@ -156,7 +148,7 @@ def _xet_read_token(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]
     if h.hub.xet_cas is None:
         h.respond_error(404, "Xet storage is not enabled on this server")
         return
-    commit = resolve_commit(h, repo, "/".join(rest) or "main")
+    commit = h.resolve_commit(repo, "/".join(rest) or "main")
     if commit is None:
         return
     token, exp, cas = "xet_" + secrets.token_urlsafe(24), int(time.time()) + TOKEN_TTL, h.hub.xet_cas.endpoint

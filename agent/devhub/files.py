@@ -13,7 +13,6 @@ import hashlib
 import os
 from typing import TYPE_CHECKING
 
-from .api import resolve_commit
 from .blobs import Blob
 from .body import send_body
 from .httputil import (
@@ -49,7 +48,7 @@ def resolve(h: "HubHandler", req: "Request", repo_type: str, repo_id: str, revis
     repo = h.check_repo(req, h.hub.store.get(repo_type, repo_id), files=True)
     if repo is None:
         return
-    commit = resolve_commit(h, repo, revision)
+    commit = h.resolve_commit(repo, revision)
     if commit is None:
         return
     blob = commit.files.get(path)

@@ -15,8 +15,10 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .api import route
 from .body import ConnectionDropped
-from .repo import Repo
+from .files import route_cdn
+from .repo import Commit, Repo
 
 if TYPE_CHECKING:
     from .server import HubServer
@@ -96,14 +98,7 @@ class HubHandler(BaseHTTPRequestHandler):
         self.hub.stats.record_request(self.host_kind, req.method, req.target, req.headers)
         self.request_id = "Root=1-" + secrets.token_hex(12)
         try:
-            if self.host_kind == "cdn":
-                from .files import route_cdn
-
-                route_cdn(self, req)
-            else:
-                from .api import route
-
-                route(self, req)
+            (route_cdn if self.host_kind == "cdn" else route)(self, req)
         except ConnectionDropped:
             self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
@@ -188,3 +183,10 @@ class HubHandler(BaseHTTPRequestHandler):
             self.respond_error(401, msg, "GatedRepo")
             return None
         return repo
+
+    def resolve_commit(self, repo: Repo, revision: str) -> Commit | None:
+        """The commit `revision` names in `repo`, or answer 404 RevisionNotFound and return None."""
+        commit = repo.resolve(revision)
+        if commit is None:
+            self.respond_error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return commit

@@ -21,11 +21,15 @@ _SHA_PREFIX = re.compile(r"^[0-9a-f]{7,40}$")
 
 
 def normalize_path(path: str) -> str:
-    """Repo paths are relative, '/'-separated, without '.' or '..' segments."""
-    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
+    """Repo paths are kept verbatim, '..' and absolute ones included.
+
+    The real Hub never lists such paths, but a hostile or broken HF_ENDPOINT can, and tests
+    use this server to check that clients refuse them. Only what no listing can carry is
+    rejected.
+    """
+    if not path or "\0" in path:
         raise ValueError(f"invalid path in repo: {path!r}")
-    return "/".join(parts)
+    return path
 
 
 def _git_object(kind: bytes, body: bytes) -> str:

@@ -61,6 +61,7 @@ class HubServer:
         self._threads: list[threading.Thread] = []
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
+        self._ports: dict[str, int] = {}  # kept across stop/start: a restarted hub keeps its URLs
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> "HubServer":
@@ -68,7 +69,8 @@ class HubServer:
             return self
         self.stopping.clear()
         for kind in ("api", "cdn"):
-            listener = _Listener((self.host, 0), self, kind)
+            listener = _Listener((self.host, self._ports.get(kind, 0)), self, kind)
+            self._ports[kind] = listener.server_address[1]
             # short poll interval: stop() waits up to one interval per listener
             thread = threading.Thread(
                 target=listener.serve_forever, args=(0.05,), name=f"devhub-{kind}", daemon=True
@@ -104,19 +106,21 @@ class HubServer:
         with self._conns_lock:
             (self._conns.add if alive else self._conns.discard)(conn)
 
-    def _base_url(self, index: int) -> str:
-        if not self._listeners:
-            raise RuntimeError("HubServer is not started")
-        host, port = self._listeners[index].server_address[:2]
-        return f"http://{host}:{port}"
+    def _base_url(self, kind: str) -> str:
+        # still valid after stop(): tests point clients at a stopped hub to get "connection refused"
+        if kind not in self._ports:
+            raise RuntimeError("HubServer was never started")
+        return f"http://{self.host}:{self._ports[kind]}"
 
     @property
     def url(self) -> str:
-        return self._base_url(0)
+        """API + resolve host, what clients use as HF_ENDPOINT."""
+        return self._base_url("api")
 
     @property
     def cdn_url(self) -> str:
-        return self._base_url(1)
+        """The CDN host LFS downloads are redirected to (another port = another origin)."""
+        return self._base_url("cdn")
 
     # -- content --------------------------------------------------------------------------
     def add_repo(
