@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .config import Settings
@@ -29,8 +30,28 @@ def _summary(logger: Logger, r: PullResult) -> None:
 
 
 def cmd_pull(args, settings: Settings, logger: Logger, env) -> int:
+    from .errors import AgentError
+    from .metrics import Exporter, Metrics
+
     ref = parse_source(args.source)
-    result = Pull(ref, settings, logger, tty=sys.stderr.isatty()).run()
+    model = ref.model_id()
+    metrics = Metrics(source_label=ref.scheme)
+    metrics.expect(model)
+    if settings.metrics_port is not None:
+        port = metrics.serve(settings.metrics_port)
+        logger.info("metrics", f"serving /metrics, /healthz, /readyz on port {port}", port=port)
+    pull = Pull(ref, settings, logger, tty=sys.stderr.isatty(), listeners=[metrics])
+    try:
+        with Exporter(metrics, textfile=settings.metrics_textfile, pushgateway=settings.pushgateway, model=model,
+                      logger=logger):
+            try:
+                result = pull.run()
+            except AgentError as exc:
+                metrics.finished(model, pull.revision, "", time.monotonic() - pull.started, exc.kind)
+                raise
+            metrics.finished(model, result.revision, result.commit, result.seconds, "success")
+    finally:
+        metrics.close()
     _summary(logger, result)
     return 0
 

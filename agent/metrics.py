@@ -1,0 +1,174 @@
+"""Prometheus metrics with the contract's names, on a registry of their own.
+
+The same object serves `/metrics`, `/healthz` and `/readyz` (`--metrics-port`), rewrites a
+node-exporter textfile atomically (`--metrics-textfile`) and pushes to a Pushgateway
+(`--pushgateway`). Labels are bounded: `model` is the normalized source id, never a file path or
+a URL with a query string.
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, push_to_gateway
+
+from .layout import atomic_write
+
+PHASES = ("resolve", "waiting", "plan", "transfer", "commit", "done", "failed")
+# A 600 GB pull over a slow link takes hours: buckets reach well past that.
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
+
+
+class Metrics:
+    def __init__(self, source_label: str = "hf"):
+        self.registry = CollectorRegistry()
+        self.source_label = source_label
+        r = self.registry
+        self.bytes_expected = Gauge("model_agent_bytes_expected", "Bytes in the requested snapshot", ["model"], registry=r)
+        self.bytes_downloaded = Counter("model_agent_bytes_downloaded", "Bytes fetched over the network",
+                                        ["model", "source"], registry=r)
+        self.files_expected = Gauge("model_agent_files_expected", "Files in the requested snapshot", ["model"], registry=r)
+        self.files_completed = Counter("model_agent_files_completed", "Files verified and promoted", ["model"], registry=r)
+        self.retries = Counter("model_agent_retries", "Retried failures by reason", ["model", "reason"], registry=r)
+        self.pulls = Counter("model_agent_pulls", "Finished pulls by result", ["model", "result"], registry=r)
+        self.duration = Histogram("model_agent_pull_duration_seconds", "Wall time of a pull", ["model"],
+                                  buckets=DURATION_BUCKETS, registry=r)
+        self.ready = Gauge("model_agent_snapshot_ready", "1 when the snapshot has its ready marker", ["model"], registry=r)
+        self.info = Gauge("model_agent_snapshot_info", "The commit a ready revision resolves to",
+                          ["model", "revision", "commit"], registry=r)
+        self.phase = Gauge("model_agent_phase", "Current phase, one-hot", ["model", "phase"], registry=r)
+        self._lock = threading.Lock()
+        self._expected_models: set[str] = set()
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- listener interface (see agent.progress.Listener) -------------------------------------------
+    def on_start(self, model: str, commit: str, total_bytes: int, files: int) -> None:
+        self.bytes_expected.labels(model).set(total_bytes)
+        self.files_expected.labels(model).set(files)
+
+    def on_bytes(self, model: str, n: int) -> None:
+        if n > 0:  # a Prometheus counter never goes down; bytes thrown away show up as retries
+            self.bytes_downloaded.labels(model, self.source_label).inc(n)
+
+    def on_file_done(self, model: str) -> None:
+        self.files_completed.labels(model).inc()
+
+    def on_retry(self, model: str, reason: str) -> None:
+        self.retries.labels(model, reason).inc()
+
+    def on_phase(self, model: str, phase: str) -> None:
+        for p in PHASES:
+            self.phase.labels(model, p).set(1 if p == phase else 0)
+
+    # -- pull lifecycle -------------------------------------------------------------------------
+    def expect(self, model: str) -> None:
+        with self._lock:
+            self._expected_models.add(model)
+        self.ready.labels(model).set(0)
+
+    def finished(self, model: str, revision: str, commit: str, seconds: float, result: str) -> None:
+        self.pulls.labels(model, result).inc()
+        self.duration.labels(model).observe(seconds)
+        if result == "success":
+            self.ready.labels(model).set(1)
+            self.info.labels(model, revision, commit).set(1)
+            self.on_phase(model, "done")
+        else:
+            self.on_phase(model, "failed")
+
+    def all_ready(self) -> bool:
+        with self._lock:
+            models = list(self._expected_models)
+        return bool(models) and all(self.ready.labels(m)._value.get() == 1 for m in models)
+
+    # -- exposition -----------------------------------------------------------------------------
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(200, b"ok\n")
+                elif path == "/readyz":
+                    ok = metrics.all_ready()
+                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # scrapes every 15 s would drown the pull's log
+                return
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
+        return self._server.server_address[1]
+
+    def write_textfile(self, path: Path) -> None:
+        atomic_write(path, self.render())
+
+    def push(self, gateway: str, job: str, model: str) -> None:
+        push_to_gateway(gateway, job=job, registry=self.registry, grouping_key={"model": model}, timeout=10)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class Exporter:
+    """Keeps the textfile and the Pushgateway current during a pull, and once more at the end.
+
+    Short-lived Jobs and init containers end before a scrape would find them: these two paths are
+    how their metrics outlive the pod. A failed push is logged, never fatal.
+    """
+
+    def __init__(self, metrics: Metrics, *, textfile: Path | None, pushgateway: str | None, model: str,
+                 logger, interval: float = 10.0, job: str = "model-agent"):
+        self.metrics, self.textfile, self.pushgateway = metrics, textfile, pushgateway
+        self.model, self.logger, self.interval, self.job = model, logger, interval, job
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="metrics-export", daemon=True)
+
+    def __enter__(self) -> "Exporter":
+        if self.textfile or self.pushgateway:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self.export()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.export()
+
+    def export(self) -> None:
+        if self.textfile:
+            try:
+                self.metrics.write_textfile(self.textfile)
+            except OSError as exc:
+                self.logger.warn("metrics_textfile", f"cannot write {self.textfile}: {exc.strerror}")
+        if self.pushgateway:
+            try:
+                self.metrics.push(self.pushgateway, self.job, self.model)
+            except Exception as exc:  # noqa: BLE001 - metrics must never fail a pull
+                self.logger.warn("metrics_push", f"push to the Pushgateway failed: {type(exc).__name__}")
