@@ -53,12 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port")
     pull.add_argument("--metrics-textfile", help="write metrics here for node-exporter's textfile collector")
     pull.add_argument("--pushgateway", help="push metrics to this Prometheus Pushgateway URL")
+    pull.add_argument("--progress-interval", help="seconds between JSON progress lines (default 10s)")
 
     wait = sub.add_parser("wait", help="block until a snapshot is ready (exit 8 on timeout)")
     wait.add_argument("source")
     _common(wait)
     wait.add_argument("--timeout", help="default 30m")
     wait.add_argument("--poll-interval", help="default 2s")
+    wait.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz while waiting")
 
     verify = sub.add_parser("verify", help="re-hash every file of a snapshot against its lockfile")
     verify.add_argument("source")

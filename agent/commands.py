@@ -63,9 +63,20 @@ def _layout_for(args, settings: Settings):
 
 
 def cmd_wait(args, settings: Settings, logger: Logger, env) -> int:
+    from .metrics import Metrics
+
     ref, layout, revision = _layout_for(args, settings)
-    wait_ready(layout, revision, timeout=settings.wait_timeout, poll=settings.poll_interval, logger=logger,
-               model=ref.model_id())
+    model = ref.model_id()
+    metrics = Metrics(source_label=ref.scheme)
+    metrics.expect(model)
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port)
+    try:
+        commit = wait_ready(layout, revision, timeout=settings.wait_timeout, poll=settings.poll_interval,
+                            logger=logger, model=model)
+        metrics.mark_ready(model, revision, commit)
+    finally:
+        metrics.close()
     return 0
 
 

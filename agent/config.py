@@ -110,6 +110,7 @@ class Settings:
     retry_max_failures: int = 8
     retry_base_delay: float = 0.5
     wait_timeout: float = 1800.0
+    progress_interval: float = 10.0
     poll_interval: float = 2.0
 
 
@@ -175,4 +176,5 @@ def build_settings(opts: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         retry_base_delay=float(pick("retry_base_delay", 0.5)),
         wait_timeout=parse_duration(pick("timeout", "30m"), what="--timeout"),
         poll_interval=parse_duration(pick("poll_interval", "2s"), what="--poll-interval"),
+        progress_interval=parse_duration(pick("progress_interval", "10s"), what="--progress-interval"),
     )

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 _PATTERNS = [
     (re.compile(r"hf_[A-Za-z0-9]{16,}"), "hf_***"),
     (re.compile(r"(?i)(authorization:\s*)(bearer\s+)?\S+"), r"\1***"),
-    (re.compile(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|se|sv|st|sp|skoid|sktid|token|access_token|x-goog-signature|x-goog-credential|expires)=)[^&\s\"']+"), r"\1***"),
+    (re.compile(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|se|sv|st|sp|skoid|sktid|token|access_token|x-goog-signature|x-goog-credential|expires|policy|key-pair-id)=)[^&\s\"']+"), r"\1***"),
     (re.compile(r"(?i)(AccountKey=|SharedAccessSignature=)[^;\s\"']+"), r"\1***"),
 ]
 _secrets: set[str] = set()

@@ -73,11 +73,14 @@ class Metrics:
         self.pulls.labels(model, result).inc()
         self.duration.labels(model).observe(seconds)
         if result == "success":
-            self.ready.labels(model).set(1)
-            self.info.labels(model, revision, commit).set(1)
-            self.on_phase(model, "done")
+            self.mark_ready(model, revision, commit)
         else:
             self.on_phase(model, "failed")
+
+    def mark_ready(self, model: str, revision: str, commit: str) -> None:
+        self.ready.labels(model).set(1)
+        self.info.labels(model, revision, commit).set(1)
+        self.on_phase(model, "done")
 
     def all_ready(self) -> bool:
         with self._lock:

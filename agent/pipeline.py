@@ -63,7 +63,7 @@ class Pull:
         self.revision = revision or settings.revision or self.source.default_revision()
         self.model = ref.model_id()
         self.progress = PullProgress(logger, self.model, bar=tty and logger.fmt == "text",
-                                     interval=10.0, listeners=listeners)
+                                     interval=settings.progress_interval, listeners=listeners)
         if hasattr(self.source, "on_retry"):
             self.source.on_retry = lambda reason, delay, exc: self.progress.retry(reason, delay, str(exc))
         self.started = time.monotonic()

@@ -21,12 +21,16 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from . import checksums
-from .errors import AgentError, DiskFull, IntegrityError, Retryable
+from .errors import DiskFull, IntegrityError, Retryable
 from .layout import promote
 from .retry import RetryPolicy, call_with_retry
 from .sources.base import RangeReader, RemoteFile
 
 SIDECAR_FLUSH_SECONDS = 0.5
+
+
+class Stopped(Exception):
+    """Another file failed for good: this task stops early, leaving its resume record exact."""
 
 
 class Progress(Protocol):
@@ -157,6 +161,14 @@ class Transfer:
         self.policy = policy
         self.sleep = sleep
         self.stop = threading.Event()
+        self._first_error: BaseException | None = None
+        self._error_lock = threading.Lock()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._error_lock:
+            if self._first_error is None and not isinstance(exc, Stopped):
+                self._first_error = exc
+        self.stop.set()
 
     def run(self, jobs: list[FileJob]) -> None:
         if not jobs:
@@ -167,11 +179,11 @@ class Transfer:
             # Biggest first: the long poles start early, small files fill the gaps.
             for job in sorted(jobs, key=lambda j: -j.file.size):
                 futures += self._submit_file(pool, job)
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in done:
-                if f.exception() is not None:
-                    self.stop.set()
-                    raise f.exception()  # type: ignore[misc]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            if self.stop.is_set():
+                wait(futures)  # let the others notice and stop, so the first real error is known
+            if self._first_error is not None:
+                raise self._first_error
             for f in futures:
                 f.result()
         finally:
@@ -199,8 +211,8 @@ class Transfer:
                     last = remaining["n"] == 0
                 if last:
                     self._finish(reader, pf)
-            except BaseException:
-                self.stop.set()
+            except BaseException as exc:
+                self._fail(exc)
                 try:
                     pf.flush()  # keep the resume record exact for the next run
                 except OSError:
@@ -230,7 +242,7 @@ class Transfer:
             return
         for piece in reader.read_range(pf.file, pos, end):
             if self.stop.is_set():
-                raise AgentError("stopped")  # another file failed for good; leave resumable state
+                raise Stopped()
             n = len(piece)
             if pos + n > end:
                 raise Retryable("overrun", f"{pf.file.path}: server sent more than the {end - start} bytes asked for")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the non-Python tools the test suite starts (servers, emulators, linters), idempotently.
+# Called by `./dev test`; each block checks for its tool first so a warm machine skips it fast.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_install() {  # apt_install CMD PACKAGE...: install PACKAGE(s) unless CMD is already on PATH
+  local cmd="$1"; shift
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  if [ ! -f /tmp/.model-agent-apt-updated ]; then
+    $sudo apt-get update -qq && touch /tmp/.model-agent-apt-updated
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# --- metrics (issue 4): promtool, a real Prometheus and a Pushgateway ---------------------------
+# (blocks for other tools are added below, one per concern)
+# Debian's packages would start the daemons as services; the tests start their own on 127.0.0.1.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-pushgateway >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt_install promtool prometheus
+  apt_install prometheus-pushgateway prometheus-pushgateway
+fi
