@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pull = sub.add_parser("pull", help="download a snapshot to the cache, crash-safe", epilog=EPILOG,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    pull.add_argument("source", help="ORG/NAME, hf://ORG/NAME@REV, hf://datasets/ORG/NAME, ...")
+    pull.add_argument("source", nargs="?", help="ORG/NAME, hf://ORG/NAME@REV, hf://datasets/ORG/NAME, ...")
+    pull.add_argument("--config", help="models file (YAML): pull every model in it, in one process")
     _common(pull)
     pull.add_argument("--include", action="append", help="glob of files to fetch (repeatable)")
     pull.add_argument("--exclude", action="append", help="glob of files to skip (repeatable)")
@@ -65,6 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="re-hash every file of a snapshot against its lockfile")
     verify.add_argument("source")
     _common(verify)
+
+    sync = sub.add_parser("sync", help="keep the cache equal to a models file, within a disk budget")
+    sync.add_argument("--config", required=True, help="models file (YAML), e.g. a mounted ConfigMap")
+    sync.add_argument("--once", action="store_true", help="converge once and exit (init containers)")
+    sync.add_argument("--interval", help="time between rounds (default: the file's `interval`, else 10m)")
+    sync.add_argument("--cache-dir")
+    sync.add_argument("--engine", choices=("auto", "xet", "hf_transfer", "http"))
+    sync.add_argument("--workers", type=int)
+    sync.add_argument("--token-file")
+    sync.add_argument("--endpoint-url")
+    sync.add_argument("--metrics-port", type=int)
+    sync.add_argument("--metrics-textfile")
+    sync.add_argument("--pushgateway")
+    sync.add_argument("--log-format", choices=("text", "json"))
+    sync.add_argument("--lease-ttl")
+    sync.add_argument("--progress-interval")
+
+    lst = sub.add_parser("list", help="every model in the cache: revisions, commits, size, ready, last use")
+    lst.add_argument("--cache-dir")
+    lst.add_argument("--config", help="models file: also say which models are declared")
+    lst.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    lst.add_argument("--log-format", choices=("text", "json"))
+
+    gcp = sub.add_parser("gc", help="remove snapshots nobody wants, least recently used first")
+    gcp.add_argument("--cache-dir")
+    gcp.add_argument("--config", help="models file: its models (and pins) are kept, others may go")
+    gcp.add_argument("--max-bytes", help="shrink the cache to at most this size (e.g. 500Gi)")
+    gcp.add_argument("--dry-run", action="store_true", help="print what would go and why, remove nothing")
+    gcp.add_argument("--log-format", choices=("text", "json"))
+    gcp.add_argument("--lease-ttl")
 
     demo = sub.add_parser("demo", help="serve a generated model from an embedded Hub and pull it (no network)")
     demo.add_argument("--cache-dir", default=None, help="default ./model-cache")
@@ -111,6 +142,9 @@ def run(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) ->
         logger.error("interrupted", "interrupted; partial files are kept and the next pull resumes them")
         return 130
     except Terminated:
+        if args.command == "sync":  # the normal way a long-running sync container stops
+            logger.info("stopped", "SIGTERM: sync stopped; partial files are kept and the next round resumes them")
+            return 0
         logger.error("terminated", "SIGTERM; partial files are kept and the next pull resumes them")
         return 143
     except Exception as exc:  # noqa: BLE001 - the one place that turns the unexpected into exit 1

@@ -30,9 +30,13 @@ def _summary(logger: Logger, r: PullResult) -> None:
 
 
 def cmd_pull(args, settings: Settings, logger: Logger, env) -> int:
-    from .errors import AgentError
+    from .errors import AgentError, InvalidInput
     from .metrics import Exporter, Metrics
 
+    if bool(args.config) == bool(args.source):
+        raise InvalidInput("pull: give either SOURCE or --config models.yaml")
+    if args.config:
+        return _pull_config(args, settings, logger)
     ref = parse_source(args.source)
     model = ref.model_id()
     metrics = Metrics(source_label=ref.scheme)
@@ -110,4 +114,112 @@ A consumer mounts {cache_dir} (read-only) and loads offline:
   HF_HUB_CACHE={cache_dir} HF_HUB_OFFLINE=1 vllm serve demo-org/tiny-llm --revision {result.commit}
   python -c "from huggingface_hub import snapshot_download as s; print(s('demo-org/tiny-llm', cache_dir='{cache_dir}', local_files_only=True))"
 Run it again: nothing is downloaded, the marker says it is all there.""")
+    return 0
+
+
+def _with_metrics(settings: Settings, logger: Logger, model: str, fn):
+    from .metrics import Exporter, Metrics
+
+    metrics = Metrics()
+    if settings.metrics_port is not None:
+        port = metrics.serve(settings.metrics_port)
+        logger.info("metrics", f"serving /metrics, /healthz, /readyz on port {port}", port=port)
+    try:
+        with Exporter(metrics, textfile=settings.metrics_textfile, pushgateway=settings.pushgateway, model=model,
+                      logger=logger):
+            return fn(metrics)
+    finally:
+        metrics.close()
+
+
+def _pull_config(args, settings: Settings, logger: Logger) -> int:
+    """Several models, one process: each is pulled even if another fails; exit code of the first failure."""
+    from .sync import Syncer
+
+    def go(metrics) -> int:
+        syncer = Syncer(Path(args.config), settings, logger, metrics)
+        result = syncer.round()
+        for r in result.results.values():
+            _summary(logger, r)
+        return result.exit_code
+
+    return _with_metrics(settings, logger, "models-file", go)
+
+
+def cmd_sync(args, settings: Settings, logger: Logger, env) -> int:
+    from .sync import Syncer
+
+    def go(metrics) -> int:
+        syncer = Syncer(Path(args.config), settings, logger, metrics)
+        if args.once:
+            return syncer.round().exit_code
+        syncer.run_forever(settings.interval)
+        return 0
+
+    return _with_metrics(settings, logger, "sync", go)
+
+
+def _keep_and_budget(args, settings: Settings):
+    from . import gc
+    from .modelsfile import load
+    from .sync import keep_for
+
+    mf = load(Path(args.config)) if args.config else None
+    cache = settings.cache_dir if settings.cache_dir_explicit or mf is None or mf.cache_dir is None else mf.cache_dir
+    if mf is not None:
+        keep = keep_for(mf, settings)
+    else:  # no declared list: whatever a ref points at is wanted
+        keep = gc.Keep({(r.repo_type, r.repo_id): set(r.refs) for r in gc.scan(cache)}, set())
+    return cache, keep, mf
+
+
+def cmd_gc(args, settings: Settings, logger: Logger, env) -> int:
+    from . import gc
+    from .config import parse_size
+
+    cache, keep, mf = _keep_and_budget(args, settings)
+    if args.max_bytes:
+        limit = parse_size(args.max_bytes, what="--max-bytes")
+        victims, freed, used = gc.collect(cache, keep, high=limit, low=limit, by_volume=False,
+                                          lease_ttl=settings.lease_ttl, dry_run=args.dry_run)
+    elif mf is not None:
+        by_volume = mf.high_watermark.percent is not None
+        total = gc.shutil.disk_usage(cache).total if by_volume else 0
+        victims, freed, used = gc.collect(cache, keep, high=mf.high_watermark.limit(total), low=mf.low_watermark.limit(total),
+                                          by_volume=by_volume, lease_ttl=settings.lease_ttl, dry_run=args.dry_run)
+    else:
+        victims, freed, used = gc.collect(cache, keep, high=0, low=0, by_volume=False, lease_ttl=settings.lease_ttl,
+                                          dry_run=args.dry_run, force=True)
+    verb = "would remove" if args.dry_run else "removed"
+    for v in victims:
+        print(f"{verb} {v.repo.repo_id}@{v.snapshot.commit} ({v.reason}; last used "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(v.snapshot.last_used))}): {human_bytes(v.frees)}")
+    print(f"{verb} {len(victims)} snapshots, {human_bytes(freed)} (cache was {human_bytes(used)})")
+    return 0
+
+
+def cmd_list(args, settings: Settings, logger: Logger, env) -> int:
+    import json
+
+    from .cache_index import scan
+
+    cache, keep, mf = _keep_and_budget(args, settings)
+    rows = []
+    for repo in scan(cache):
+        declared = (repo.repo_type, repo.repo_id) in keep.revisions if mf is not None else None
+        for commit, snap in repo.snapshots.items():
+            rows.append({
+                "repo_id": repo.repo_id, "repo_type": repo.repo_type, "commit": commit,
+                "revisions": repo.revisions_of(commit), "size": snap.size, "ready": snap.ready,
+                "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snap.last_used)) if snap.last_used else None,
+                "declared": declared, "pinned": (repo.repo_type, repo.repo_id) in keep.pinned,
+            })
+    if args.json:
+        print(json.dumps({"cache_dir": str(cache), "snapshots": rows}, indent=2))
+        return 0
+    print(f"{'MODEL':40} {'COMMIT':12} {'REVISIONS':16} {'SIZE':>10} {'READY':5} {'DECLARED':8} LAST USED")
+    for r in rows:
+        declared = "-" if r["declared"] is None else ("pinned" if r["pinned"] else ("yes" if r["declared"] else "no"))
+        print(f"{r['repo_id']:40} {r['commit'][:12]:12} {','.join(r['revisions']) or '-':16} {human_bytes(r['size']):>10} "
+              f"{'yes' if r['ready'] else 'no':5} {declared:8} {r['last_used'] or '-'}")
     return 0

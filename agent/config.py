@@ -86,6 +86,7 @@ def _truthy(value: str | None) -> bool:
 @dataclass(frozen=True)
 class Settings:
     cache_dir: Path
+    cache_dir_explicit: bool = False  # from a flag or env var: wins over a models file's cache_dir
     local_dir: Path | None = None
     repo_id: str | None = None
     revision: str | None = None
@@ -111,6 +112,7 @@ class Settings:
     retry_base_delay: float = 0.5
     wait_timeout: float = 1800.0
     progress_interval: float = 10.0
+    interval: float | None = None  # sync: None means the models file's `interval`
     poll_interval: float = 2.0
 
 
@@ -151,6 +153,8 @@ def build_settings(opts: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     lock_timeout = pick("lock_timeout")
     return Settings(
         cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir(env),
+        cache_dir_explicit=bool(cache_dir or env.get("HF_HUB_CACHE") or env.get("HF_HOME")),
+        interval=parse_duration(pick("interval"), what="--interval") if pick("interval") is not None else None,
         local_dir=Path(local_dir).expanduser().absolute() if local_dir else None,
         repo_id=pick("repo_id"),
         revision=pick("revision"),

@@ -48,6 +48,10 @@ class DiskFull(AgentError):
     exit_code = 6
     kind = "disk_full"
 
+    def __init__(self, message: str, *, need: int = 0, free: int = 0):
+        super().__init__(message)
+        self.need, self.free = need, free  # bytes, so sync mode can ask GC for the difference
+
 
 class TransientError(AgentError):
     """Network trouble, 5xx, 429 or stalls that outlasted the retry budget."""

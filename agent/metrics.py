@@ -40,6 +40,14 @@ class Metrics:
         self.info = Gauge("model_agent_snapshot_info", "The commit a ready revision resolves to",
                           ["model", "revision", "commit"], registry=r)
         self.phase = Gauge("model_agent_phase", "Current phase, one-hot", ["model", "phase"], registry=r)
+        self.sync_rounds = Counter("model_agent_sync_rounds", "Sync rounds by result", ["result"], registry=r)
+        self.sync_duration = Histogram("model_agent_sync_round_duration_seconds", "Wall time of a sync round",
+                                       buckets=DURATION_BUCKETS, registry=r)
+        self.models_declared = Gauge("model_agent_models_declared", "Models in the models file", registry=r)
+        self.models_ready = Gauge("model_agent_models_ready", "Declared models whose snapshot is ready", registry=r)
+        self.gc_freed = Counter("model_agent_gc_freed_bytes", "Bytes freed by garbage collection", registry=r)
+        self.gc_removed = Counter("model_agent_gc_snapshots_removed", "Snapshots removed by garbage collection",
+                                  registry=r)
         self._lock = threading.Lock()
         self._expected_models: set[str] = set()
         self._server: ThreadingHTTPServer | None = None
@@ -82,10 +90,19 @@ class Metrics:
         self.info.labels(model, revision, commit).set(1)
         self.on_phase(model, "done")
 
+    def declare(self, models: list[str]) -> None:
+        """Sync mode: exactly these models are expected (a dropped model stops counting)."""
+        with self._lock:
+            self._expected_models = set(models)
+        self.models_declared.set(len(models))
+
+    def is_ready(self, model: str) -> bool:
+        return self.ready.labels(model)._value.get() == 1
+
     def all_ready(self) -> bool:
         with self._lock:
             models = list(self._expected_models)
-        return bool(models) and all(self.ready.labels(m)._value.get() == 1 for m in models)
+        return bool(models) and all(self.is_ready(m) for m in models)
 
     # -- exposition -----------------------------------------------------------------------------
     def render(self) -> bytes:

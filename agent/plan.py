@@ -114,5 +114,6 @@ def check_disk_space(where: Path, need: int, margin: int, what: str) -> None:
         gib = 2**30
         raise DiskFull(
             f"{what}: needs {need / gib:.2f} GiB (+{margin / gib:.2f} GiB margin) on {where}, "
-            f"only {free / gib:.2f} GiB free"
+            f"only {free / gib:.2f} GiB free",
+            need=need + margin, free=free,
         )

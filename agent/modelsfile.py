@@ -1,0 +1,120 @@
+"""The models file (`--config models.yaml`, typically a mounted ConfigMap): what the cache should hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import parse_duration, parse_size
+from .errors import InvalidInput
+
+_MODEL_KEYS = {"source", "revision", "include", "exclude", "repo_id", "pin", "engine", "local_dir"}
+_TOP_KEYS = {"cache_dir", "models", "gc", "interval", "workers", "engine"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str
+    revision: str | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    repo_id: str | None = None
+    pin: bool = False
+    engine: str | None = None
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """A threshold of the volume: a percent of its size, or an absolute number of bytes."""
+
+    percent: float | None = None
+    bytes: int | None = None
+
+    def limit(self, volume_bytes: int) -> int:
+        return int(volume_bytes * self.percent / 100) if self.percent is not None else int(self.bytes or 0)
+
+    @staticmethod
+    def parse(value: Any, what: str) -> "Watermark":
+        text = str(value).strip()
+        if text.endswith("%"):
+            try:
+                pct = float(text[:-1])
+            except ValueError:
+                raise InvalidInput(f"{what}: {value!r} is not a percentage") from None
+            if not 0 < pct <= 100:
+                raise InvalidInput(f"{what}: {value!r} must be between 0% and 100%")
+            return Watermark(percent=pct)
+        return Watermark(bytes=parse_size(text, what=what))
+
+
+@dataclass(frozen=True)
+class ModelsFile:
+    models: tuple[ModelSpec, ...]
+    cache_dir: Path | None = None
+    high_watermark: Watermark = field(default_factory=lambda: Watermark(percent=90))
+    low_watermark: Watermark = field(default_factory=lambda: Watermark(percent=80))
+    interval: float = 600.0
+
+
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput(f"{what}: expected a string or a list of strings")
+    return tuple(value)
+
+
+def _model(entry: Any, index: int, path: Path) -> ModelSpec:
+    what = f"{path}: models[{index}]"
+    if isinstance(entry, str):
+        return ModelSpec(source=entry)
+    if not isinstance(entry, dict) or not isinstance(entry.get("source"), str):
+        raise InvalidInput(f"{what}: each model needs a `source`")
+    unknown = set(entry) - _MODEL_KEYS
+    if unknown:
+        raise InvalidInput(f"{what}: unknown key(s) {', '.join(sorted(unknown))}")
+    return ModelSpec(
+        source=entry["source"],
+        revision=str(entry["revision"]) if entry.get("revision") is not None else None,
+        include=_strings(entry.get("include"), f"{what}.include"),
+        exclude=_strings(entry.get("exclude"), f"{what}.exclude"),
+        repo_id=entry.get("repo_id"),
+        pin=bool(entry.get("pin", False)),
+        engine=entry.get("engine"),
+    )
+
+
+def load(path: Path) -> ModelsFile:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise InvalidInput(f"--config {path}: cannot read it ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise InvalidInput(f"--config {path}: expected a mapping with a `models` list")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise InvalidInput(f"--config {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    gc = data.get("gc") or {}
+    if not isinstance(gc, dict):
+        raise InvalidInput(f"--config {path}: `gc` must be a mapping")
+    high = Watermark.parse(gc.get("high_watermark", "90%"), f"{path}: gc.high_watermark")
+    low = Watermark.parse(gc.get("low_watermark", "80%"), f"{path}: gc.low_watermark")
+    models = tuple(_model(e, i, path) for i, e in enumerate(data["models"]))
+    from .sources.base import parse_source
+
+    for m in models:
+        parse_source(m.source)  # a bad URI fails the whole file up front, not one round later
+    return ModelsFile(
+        models=models,
+        cache_dir=Path(data["cache_dir"]) if data.get("cache_dir") else None,
+        high_watermark=high,
+        low_watermark=low,
+        interval=parse_duration(data.get("interval", "10m"), what=f"{path}: interval"),
+    )

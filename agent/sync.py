@@ -1,0 +1,165 @@
+"""Sync mode: converge a cache to the models file, round after round, within a disk budget.
+
+A round pulls every declared model (moving revisions are re-resolved, so a new commit on `main`
+lands beside the old one and the ref flips only once it is ready), then collects garbage if the
+cache is over its high watermark. One model failing never stops the others. Between rounds the
+loop sleeps for the interval, and wakes early when the models file changes (a ConfigMap update
+arrives as a symlink swap, so the resolved path and its stat are compared).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import gc
+from .config import Settings
+from .errors import AgentError, DiskFull
+from .log import Logger
+from .metrics import Metrics
+from .modelsfile import ModelsFile, ModelSpec, load
+from .pipeline import Pull, PullResult
+from .sources.base import parse_source
+
+
+@dataclass
+class RoundResult:
+    results: dict[str, PullResult] = field(default_factory=dict)
+    errors: dict[str, AgentError] = field(default_factory=dict)
+    freed: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return next(iter(self.errors.values())).exit_code if self.errors else 0
+
+
+def settings_for(spec: ModelSpec, base: Settings, mf: ModelsFile) -> Settings:
+    return dataclasses.replace(
+        base,
+        cache_dir=base.cache_dir if base.cache_dir_explicit or mf.cache_dir is None else mf.cache_dir,
+        revision=spec.revision,
+        include=spec.include,
+        exclude=spec.exclude,
+        repo_id=spec.repo_id or base.repo_id,
+        engine=spec.engine or base.engine,
+        local_dir=None,
+    )
+
+
+def keep_for(mf: ModelsFile, base: Settings) -> gc.Keep:
+    revisions: dict[tuple[str, str], set[str]] = {}
+    pinned: set[tuple[str, str]] = set()
+    for spec in mf.models:
+        ref = parse_source(spec.source)
+        key = (ref.repo_type, spec.repo_id or ref.repo_id)
+        revisions.setdefault(key, set()).add(spec.revision or ref.revision or "main")
+        if spec.pin:
+            pinned.add(key)
+    return gc.Keep(revisions, pinned)
+
+
+class Syncer:
+    def __init__(self, config_path: Path, settings: Settings, logger: Logger, metrics: Metrics):
+        self.config_path = config_path
+        self.settings = settings
+        self.logger = logger
+        self.metrics = metrics
+        self.stop = threading.Event()
+        self.interval = 600.0
+
+    def cache_dir(self, mf: ModelsFile) -> Path:
+        return self.settings.cache_dir if self.settings.cache_dir_explicit or mf.cache_dir is None else mf.cache_dir
+
+    def _pull(self, spec: ModelSpec, mf: ModelsFile) -> PullResult:
+        settings = settings_for(spec, self.settings, mf)
+        ref = parse_source(spec.source)
+        return Pull(ref, settings, self.logger, listeners=[self.metrics]).run()
+
+    def _pull_with_gc(self, spec: ModelSpec, mf: ModelsFile, round_: RoundResult) -> PullResult:
+        try:
+            return self._pull(spec, mf)
+        except DiskFull as exc:
+            # Make room for this pull now, whatever the high watermark says, then try once more.
+            victims, freed, _ = self._collect(mf, need=max(exc.need - exc.free, 1), force_need=True)
+            round_.freed += freed
+            if not victims:
+                raise DiskFull(f"{exc} (and garbage collection found nothing it may remove)", need=exc.need, free=exc.free) from None
+            return self._pull(spec, mf)
+
+    def _collect(self, mf: ModelsFile, need: int = 0, force_need: bool = False):
+        cache = self.cache_dir(mf)
+        by_volume = mf.high_watermark.percent is not None
+        total = gc.shutil.disk_usage(cache).total if by_volume else 0
+        high, low = mf.high_watermark.limit(total), mf.low_watermark.limit(total)
+        if force_need:
+            used = gc.usage(cache, gc.scan(cache), by_volume)[0]
+            high = min(high, used)  # over the mark by definition: we need `need` bytes now
+        victims, freed, used = gc.collect(cache, keep_for(mf, self.settings), high=high, low=low, by_volume=by_volume,
+                                          lease_ttl=self.settings.lease_ttl, need=need)
+        for v in victims:
+            self.logger.info("gc", f"removed {v.repo.repo_id}@{v.snapshot.commit[:12]} ({v.reason}), freed {v.frees} bytes"
+                             if self.logger.fmt != "json" else "", model=v.repo.repo_id, commit=v.snapshot.commit,
+                             reason=v.reason, bytes=v.frees)
+        if victims:
+            self.metrics.gc_freed.inc(freed)
+            self.metrics.gc_removed.inc(len(victims))
+        return victims, freed, used
+
+    def round(self) -> RoundResult:
+        started = time.monotonic()
+        mf = load(self.config_path)
+        self.interval = mf.interval
+        models = [spec.repo_id or parse_source(spec.source).model_id() for spec in mf.models]
+        self.metrics.declare(models)
+        result = RoundResult()
+        for spec, model in zip(mf.models, models):
+            if self.stop.is_set():
+                break
+            try:
+                result.results[model] = r = self._pull_with_gc(spec, mf, result)
+                self.metrics.finished(model, r.revision, r.commit, r.seconds, "success")
+            except AgentError as exc:
+                result.errors[model] = exc
+                self.metrics.finished(model, spec.revision or "main", "", 0.0, exc.kind)
+                self.metrics.ready.labels(model).set(0)
+                self.logger.error(exc.kind, f"{model}: {exc}", model=model, exit_code=exc.exit_code)
+        _, freed, _ = self._collect(mf)
+        result.freed += freed
+        ready = sum(1 for m in models if self.metrics.is_ready(m))
+        self.metrics.models_ready.set(ready)
+        outcome = "success" if not result.errors else ("failed" if not result.results else "partial")
+        self.metrics.sync_rounds.labels(outcome).inc()
+        self.metrics.sync_duration.observe(time.monotonic() - started)
+        self.logger.info("sync_round", f"sync round: {ready}/{len(models)} models ready, {len(result.errors)} failed, "
+                         f"{result.freed} bytes freed" if self.logger.fmt != "json" else "",
+                         ready=ready, declared=len(models), failed=sorted(result.errors), freed_bytes=result.freed,
+                         seconds=round(time.monotonic() - started, 3))
+        return result
+
+    def _config_stamp(self) -> tuple:
+        try:
+            real = os.path.realpath(self.config_path)
+            st = os.stat(real)
+            return real, st.st_ino, st.st_mtime_ns, st.st_size
+        except OSError:
+            return ()
+
+    def run_forever(self, interval: float | None, watch_every: float = 1.0) -> None:
+        """Converge every `interval` seconds (None: the models file's own `interval`) until stopped."""
+        while not self.stop.is_set():
+            stamp = self._config_stamp()
+            try:
+                self.round()
+            except AgentError as exc:  # e.g. the models file is broken: keep the last good cache, retry
+                self.logger.error(exc.kind, f"sync round failed: {exc}", exit_code=exc.exit_code)
+                self.metrics.sync_rounds.labels("failed").inc()
+            deadline = time.monotonic() + (interval or self.interval)
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                if self._config_stamp() != stamp:
+                    self.logger.info("config_changed", f"{self.config_path} changed: converging now")
+                    break
+                self.stop.wait(min(watch_every, max(deadline - time.monotonic(), 0.01)))
