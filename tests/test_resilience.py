@@ -162,3 +162,38 @@ def test_hub_api_errors_are_retried(hub, demo_files, tmp_path):
     assert r.returncode == 0, r.stderr
     assert fault.remaining == 0
     assert_snapshot(tmp_path / "c", "org/model", commit, demo_files)
+
+
+@pytest.fixture
+def tiny_volume(tmp_path):
+    """A real 48 MiB filesystem (tmpfs) to run out of; skipped where mounting is not allowed."""
+    mnt = tmp_path / "vol"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_enospc_during_the_transfer_is_exit_6_and_no_marker(hub, tmp_path, tiny_volume):
+    from agent.devhub import make_model
+
+    files = make_model(tmp_path / "m", large_files=1, large_size=40 * 2**20, small_files=1)
+    commit = hub.add_repo("org/m", files)
+    hub.faults.add("slow", path_glob=largest(files), rate=20 * 2**20, count=1000)
+    cache = tiny_volume / "cache"
+    proc = subprocess.Popen(agent_cmd(*pull_args(hub, "org/m", cache, "--disk-margin", "0")), env=hub_env(hub), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while hub.stats.bytes_sent() < 4 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Someone else fills the volume while we download (the check before the first byte had passed).
+    with open(tiny_volume / "filler", "wb") as f:
+        try:
+            f.write(b"\0" * 20 * 2**20)
+        except OSError:
+            pass
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 6, err
+    assert "space" in err.lower()
+    assert not (cache / "models--org--m" / ".model-agent" / f"{commit}.ready").exists()
