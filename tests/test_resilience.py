@@ -197,3 +197,26 @@ def test_enospc_during_the_transfer_is_exit_6_and_no_marker(hub, tmp_path, tiny_
     assert proc.returncode == 6, err
     assert "space" in err.lower()
     assert not (cache / "models--org--m" / ".model-agent" / f"{commit}.ready").exists()
+
+
+@pytest.mark.parametrize("engine", ["xet", "http"])
+def test_a_partial_left_by_a_dead_writer_is_resumed_not_refetched(xet_hub, demo_files, tmp_path, engine):
+    """Deterministic resume check for every ranged engine: a partial whose record says the first half
+    landed is continued from the middle. Its first half is deliberately wrong, so the only way the
+    pull can notice is the final sha256: an `integrity` retry proves the first half was not fetched."""
+    import hashlib
+
+    cache = tmp_path / "cache"
+    data = demo_files["model.safetensors"].read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    blobs = cache / "models--org--xet-model" / "blobs"
+    blobs.mkdir(parents=True)
+    partial = blobs / f"{sha}.ma-1-deadbeef.incomplete"
+    half = len(data) // 2
+    partial.write_bytes(b"\0" * half)
+    (blobs / (partial.name + ".json")).write_text(json.dumps({"etag": sha, "size": len(data), "chunk": 64 * 2**20, "done": [half]}))
+    r = run_agent(*pull_args(xet_hub, "org/xet-model", cache, "--engine", engine), env=hub_env(xet_hub))
+    assert r.returncode == 0, r.stderr
+    retries = [e for e in json_lines(r.stderr) if e["event"] == "retry"]
+    assert [e["reason"] for e in retries] == ["integrity"], retries
+    assert hashlib.sha256((blobs / sha).read_bytes()).hexdigest() == sha
