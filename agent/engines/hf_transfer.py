@@ -9,10 +9,17 @@ complete are kept). Retries inside hf_transfer are enabled; ours wrap it.
 from __future__ import annotations
 
 import os
+import threading
 
 from .. import httpio
 from ..errors import Retryable
 from ..sources.base import RangeReader, RemoteFile
+
+
+# hf_transfer buffers max_files x chunk_size per call: one large file at a time keeps peak RSS flat
+# (about 8 x 8 MiB) whatever the model size; it parallelizes within the file on its own.
+CHUNK_SIZE = 8 * 2**20
+_ONE_AT_A_TIME = threading.Semaphore(1)
 
 
 class HfTransferReader(RangeReader):
@@ -42,16 +49,20 @@ class HfTransferReader(RangeReader):
         with open(dest, "wb"):
             pass  # hf_transfer writes into an existing file without truncating it
         try:
-            hf_transfer.download(
-                url=url,
-                filename=dest,
-                max_files=max(self.settings.workers, 8),
-                chunk_size=16 * 2**20,
-                parallel_failures=4,
-                max_retries=4,
-                headers=headers,
-                callback=on_bytes,
-            )
+            with _ONE_AT_A_TIME:
+                self._download(hf_transfer, url, dest, headers, on_bytes)
         except Exception as exc:  # noqa: BLE001 - hf_transfer raises plain exceptions
             os.truncate(dest, 0)
             raise Retryable("hf_transfer", f"{self.http.what(file)}: hf_transfer failed ({type(exc).__name__})") from None
+
+    def _download(self, hf_transfer, url: str, dest: str, headers: dict, on_bytes) -> None:
+        hf_transfer.download(
+            url=url,
+            filename=dest,
+            max_files=max(self.settings.workers, 8),
+            chunk_size=CHUNK_SIZE,
+            parallel_failures=4,
+            max_retries=4,
+            headers=headers,
+            callback=on_bytes,
+        )
