@@ -55,3 +55,28 @@ def mismatches(path: Path, size: int, expected: dict[str, str]) -> list[str]:
     wanted = {a: v for a, v in expected.items() if a in SUPPORTED and v}
     got = compute(path, list(wanted))
     return [f"{a} {got[a][:12]}… != {v[:12]}…" for a, v in wanted.items() if got.get(a) != v.lower() and got.get(a) != v]
+
+
+class Digests:
+    """Every expected digest of one file, fed its bytes in order, possibly over several sittings.
+
+    The transfer feeds it the contiguous prefix of a file while later ranges are still arriving,
+    so verifying a large file costs little after its last byte lands.
+    """
+
+    def __init__(self, size: int, expected: dict[str, str]):
+        self.size = size
+        self.expected = {a: v for a, v in expected.items() if a in SUPPORTED and v}
+        self.hashers = {a: _hasher(a, size) for a in self.expected}
+        self.fed = 0
+
+    def update(self, data) -> None:
+        for h in self.hashers.values():
+            h.update(data)
+        self.fed += len(data)
+
+    def problems(self) -> list[str]:
+        if self.fed != self.size:
+            return [f"size {self.fed} != {self.size}"]
+        got = {a: _digest(a, h) for a, h in self.hashers.items()}
+        return [f"{a} {got[a][:12]}… != {v[:12]}…" for a, v in self.expected.items() if got[a] not in (v, v.lower())]

@@ -72,6 +72,8 @@ class PartialFile:
         self.sidecar = self.path.with_name(self.path.name + ".json")
         self._last_flush = 0.0
         self.resumed_bytes = 0
+        self.digests = checksums.Digests(job.file.size, job.file.checksums)
+        self._hash_lock = threading.Lock()
         job.partial_dir.mkdir(parents=True, exist_ok=True)
         if ranged:
             self._adopt()
@@ -121,6 +123,36 @@ class PartialFile:
             if now - self._last_flush >= SIDECAR_FLUSH_SECONDS:
                 self._flush_locked(now)
 
+    def _hashable_end(self) -> int:
+        """End of the contiguous run of landed bytes that starts at byte 0."""
+        with self.lock:
+            end = 0
+            for i in range(self.count):
+                start, stop = self.bounds(i)
+                end = start + self.done[i]
+                if end < stop:
+                    break
+            return end
+
+    def hash_ahead(self, wait: bool = False) -> None:
+        """Feed the digests whatever contiguous prefix has landed; one thread at a time per file."""
+        if not self._hash_lock.acquire(blocking=wait):
+            return
+        try:
+            while True:
+                end = self._hashable_end()
+                if end <= self.digests.fed:
+                    return
+                pos = self.digests.fed
+                while pos < end:
+                    data = os.pread(self.fd, min(checksums.BLOCK, end - pos), pos)
+                    if not data:
+                        return
+                    self.digests.update(data)
+                    pos += len(data)
+        finally:
+            self._hash_lock.release()
+
     def flush(self) -> None:
         with self.lock:
             self._flush_locked(time.monotonic())
@@ -135,9 +167,10 @@ class PartialFile:
 
     def reset(self) -> int:
         """Throw every byte away (bad checksum, or a server that ignores ranges); returns how many."""
-        with self.lock:
+        with self.lock, self._hash_lock:
             lost = sum(self.done)
             self.done = [0] * self.count
+            self.digests = checksums.Digests(self.file.size, self.file.checksums)
             os.ftruncate(self.fd, 0)
             self._flush_locked(time.monotonic())
             return lost
@@ -250,6 +283,8 @@ class Transfer:
             pos += n
             pf.advance(idx, n)
             self.progress.add_bytes(n)
+            if start <= pf.digests.fed < end:
+                pf.hash_ahead()  # this range is the hashing frontier: keep the digest right behind it
         if pos != end:
             raise Retryable("truncated", f"{pf.file.path}: body ended at byte {pos} of {end}")
 
@@ -270,7 +305,8 @@ class Transfer:
     def _finish(self, reader: RangeReader, pf: PartialFile) -> None:
         """Verify, and on a mismatch download once more before giving up with IntegrityError."""
         for attempt in (1, 2):
-            problems = checksums.mismatches(pf.path, pf.file.size, pf.file.checksums)
+            pf.hash_ahead(wait=True)
+            problems = pf.digests.problems()
             if not problems:
                 pf.close(keep=True)
                 promote(pf.path, pf.job.final)
