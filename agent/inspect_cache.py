@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -38,9 +39,20 @@ def wait_ready(layout, revision: str, *, timeout: float, poll: float, logger: Lo
             raise TimedOut(f"{model}@{revision}: no ready snapshot after {waited:.0f}s")
         if last_note is None or waited - last_note >= 10:
             last_note = waited
-            logger.info("waiting", f"waiting for {model}@{revision} to be ready ({waited:.0f}s of {timeout:.0f}s)",
-                        model=model, revision=revision, waited_s=int(waited), timeout_s=int(timeout))
+            owner = _writer(layout)
+            who = f"; {owner.get('host')}/{owner.get('pid')} is pulling it" if owner else "; no writer holds it yet"
+            logger.info("waiting", f"waiting for {model}@{revision} to be ready ({waited:.0f}s of {timeout:.0f}s{who})",
+                        model=model, revision=revision, waited_s=int(waited), timeout_s=int(timeout), writer=owner or None)
         sleep(min(poll, max(timeout - waited, 0.01)))
+
+
+def _writer(layout) -> dict:
+    """Who holds the writer lease right now, if anyone (for people reading the wait log)."""
+    try:
+        owner = json.loads(layout.lease_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: owner.get(k) for k in ("host", "pid", "started_at")} if isinstance(owner, dict) else {}
 
 
 def _expected(entry: dict, hub_layout: bool) -> dict[str, str]:
