@@ -98,7 +98,8 @@ def cmd_demo(args, settings: Settings, logger: Logger, env) -> int:
     cache_dir = Path(args.cache_dir or "model-cache").absolute()
     with tempfile.TemporaryDirectory(prefix="model-agent-demo-") as tmp:
         files = make_demo_model(Path(tmp) / "model")
-        with HubServer(Path(tmp) / "hub") as hub:
+        # Like the real Hub, the embedded one stores large files in Xet, so `auto` shows its choice.
+        with HubServer(Path(tmp) / "hub", xet=settings.engine in ("auto", "xet")) as hub:
             hub.add_repo("demo-org/tiny-llm", files)
             logger.info("demo", f"embedded Hub serving demo-org/tiny-llm at {hub.url} (no network needed)")
             demo_settings = dataclasses.replace(settings, cache_dir=cache_dir, hf_endpoint=hub.url, token=None,
