@@ -25,3 +25,12 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-pushgateway 
   apt_install promtool prometheus
   apt_install prometheus-pushgateway prometheus-pushgateway
 fi
+
+# --- container image (issue 5): buildah + debootstrap, only for the opt-in image test ------------
+# tests/test_image.py builds ./Dockerfile when MODEL_AGENT_BUILD_IMAGE=1 (root, no Docker engine:
+# buildah --isolation chroot on a debootstrapped base). kubectl (kustomize), kubernetes-validate and
+# hadolint, which every run needs, come from PyPI through the `test` extra instead.
+if [ "${MODEL_AGENT_BUILD_IMAGE:-}" = "1" ]; then
+  apt_install buildah buildah
+  apt_install debootstrap debootstrap
+fi
