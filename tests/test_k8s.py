@@ -369,7 +369,7 @@ def test_daemonset_targets_gpu_nodes_and_serves_metrics(rendered):
     assert sync["ports"] == [{"name": "metrics", "containerPort": port}]
     assert sync["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert [c["name"] for c in spec["initContainers"]] == ["own-cache-dir", "fill"]
-    assert container(ds, "fill")["args"][:3] == ["pull", "--config", flag(sync["args"], "--config")]
+    assert container(ds, "fill")["args"][:4] == ["sync", "--once", "--config", flag(sync["args"], "--config")]
     # the consumer runs on the same nodes as the cache it reads
     vllm = one(docs, "Deployment", "vllm")
     assert pod_spec(vllm)["nodeSelector"] == spec["nodeSelector"]
