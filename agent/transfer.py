@@ -99,10 +99,13 @@ class PartialFile:
                 state = json.loads(candidate.with_name(candidate.name + ".json").read_text())
             except (OSError, ValueError):
                 continue
-            if (state.get("etag"), state.get("size"), state.get("chunk")) != (self.file.etag, self.file.size, self.chunk):
+            if (state.get("etag"), state.get("size")) != (self.file.etag, self.file.size):
                 continue
-            done = [max(0, min(int(d), self.bounds(i)[1] - self.bounds(i)[0])) for i, d in enumerate(state.get("done", []))]
-            if len(done) == self.count and (best is None or sum(done) > best[0]):
+            try:
+                done = self._regrid(int(state["chunk"]), [int(d) for d in state["done"]])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if best is None or sum(done) > best[0]:
                 best = (sum(done), candidate, done)
         if best is None:
             return
@@ -115,6 +118,23 @@ class PartialFile:
         candidate.with_name(candidate.name + ".json").unlink(missing_ok=True)
         self.done = done
         self.resumed_bytes = sum(done)
+
+    def _regrid(self, old_chunk: int, old_done: list[int]) -> list[int]:
+        """Map a record made with another range size (another engine, another --chunk-size) onto
+        ours: each of our ranges keeps the landed bytes that run contiguously from its start."""
+        landed = [(i * old_chunk, i * old_chunk + max(0, d)) for i, d in enumerate(old_done) if d > 0]
+        done = []
+        for i in range(self.count):
+            start, end = self.bounds(i)
+            pos = start
+            moved = True
+            while moved and pos < end:
+                moved = False
+                for lo, hi in landed:
+                    if lo <= pos < hi:
+                        pos, moved = min(hi, end), True
+            done.append(pos - start)
+        return done
 
     def advance(self, idx: int, n: int) -> None:
         with self.lock:
@@ -143,6 +163,9 @@ class PartialFile:
                 end = self._hashable_end()
                 if end <= self.digests.fed:
                     return
+                if not self.digests.hashers:  # no checksum to compute (size only): read nothing back
+                    self.digests.fed = end
+                    continue
                 pos = self.digests.fed
                 while pos < end:
                     data = os.pread(self.fd, min(checksums.BLOCK, end - pos), pos)
@@ -225,7 +248,7 @@ class Transfer:
 
     def _submit_file(self, pool: ThreadPoolExecutor, job: FileJob) -> list:
         reader = self.reader.for_file(job.file)
-        pf = PartialFile(job, self.chunk_size, reader.ranged)
+        pf = PartialFile(job, reader.range_size(self.chunk_size), reader.ranged)
         if pf.resumed_bytes:
             self.progress.add_bytes(pf.resumed_bytes)
         pending = [i for i in range(pf.count) if pf.done[i] < pf.bounds(i)[1] - pf.bounds(i)[0]]

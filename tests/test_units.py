@@ -177,3 +177,11 @@ def test_durations_and_sizes():
     assert parse_size("500Gi", what="t") == 500 * 2**30 and parse_size("10GB", what="t") == 10**10
     with pytest.raises(InvalidInput):
         parse_size("lots", what="t")
+
+
+def test_resume_record_maps_onto_another_range_size(tmp_path):
+    from agent.transfer import FileJob, PartialFile
+
+    job = FileJob(RemoteFile("f", 30, "e" * 64), tmp_path / "final", tmp_path)
+    assert PartialFile(job, 30, ranged=True)._regrid(10, [10, 4, 10]) == [14]
+    assert PartialFile(job, 5, ranged=True)._regrid(10, [10, 4, 10]) == [5, 5, 4, 0, 5, 5]

@@ -64,6 +64,13 @@ class XetReader(RangeReader):
         self._group = None
         self._lock = threading.Lock()
 
+    def range_size(self, default: int) -> int:
+        # One ordered stream per file: hf_xet already fetches a file's terms in parallel, and
+        # measured here several streams over one file were slower (512 MiB: 1 stream 0.6 s,
+        # 4 streams 1.1-1.9 s), as fast as its own whole-file download. Resume is unchanged: the
+        # stream restarts at the first byte not on disk.
+        return 1 << 62
+
     def what(self, file: RemoteFile) -> str:
         return f"{self.source.ref.display()}@{self.commit[:12]} {file.path}"
 

@@ -72,6 +72,10 @@ class RangeReader(ABC):
     def fetch_whole(self, file: RemoteFile, dest: str, on_bytes: Callable[[int], None]) -> None:
         raise NotImplementedError
 
+    def range_size(self, default: int) -> int:
+        """How large the parallel ranges of one file should be for this reader."""
+        return default
+
     def for_file(self, file: RemoteFile) -> "RangeReader":
         """The reader that handles `file`: composite readers pick per file (xet or http)."""
         return self
