@@ -38,6 +38,8 @@ def cmd_pull(args, settings: Settings, logger: Logger, env) -> int:
     if args.config:
         return _pull_config(args, settings, logger)
     ref = parse_source(args.source)
+    if settings.repo_id and ref.scheme != "hf":  # a bucket stored under --repo-id is known by that name
+        ref = dataclasses.replace(ref, repo_id=settings.repo_id)
     model = ref.model_id()
     metrics = Metrics(source_label=ref.scheme)
     metrics.expect(model)

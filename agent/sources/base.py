@@ -147,6 +147,8 @@ def _load_backends() -> None:
         from . import local  # noqa: F401
     except ImportError:
         pass
+    # Object stores: their SDKs are optional extras, imported only when a pull needs them.
+    from . import azure, gcs, s3  # noqa: F401
 
 
 def parse_source(text: str) -> SourceRef:

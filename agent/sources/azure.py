@@ -1,0 +1,141 @@
+"""Azure Blob Storage: `az://CONTAINER/PREFIX/` and `https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX/`.
+
+Credentials, first found wins: AZURE_STORAGE_CONNECTION_STRING; else the account (from the URL or
+AZURE_STORAGE_ACCOUNT) with AZURE_STORAGE_KEY, or AZURE_STORAGE_SAS_TOKEN, or azure-identity's
+DefaultAzureCredential (managed identity, workload identity, a service principal's AZURE_* env).
+azure-storage-blob does the listing and the bytes: Shared Key signing, SAS and Entra ID tokens are
+all its business, and its downloads are pinned with If-Match on the listed ETag.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Iterator
+from urllib.parse import urlsplit
+
+from ..errors import AgentError, AuthError, InvalidInput, NotFound, Retryable
+from .base import RangeReader, RemoteFile, SourceRef, register
+from .objstore import ObjectInfo, ObjectStoreSource, changed, content_key, parse_bucket_uri, require_sdk
+
+# One GET per 4 MiB inside a range: the SDK holds a whole piece in memory before yielding it, so this
+# is also the granularity at which a killed pull's bytes count as landed (resume).
+PIECE = 4 * 2**20
+_ACCOUNT_HOST = re.compile(r"^([a-z0-9]{3,24})\.blob\.core\.windows\.net$")
+
+
+@register
+class AzureSource(ObjectStoreSource):
+    schemes = ("az",)
+
+    @staticmethod
+    def parse(text: str) -> SourceRef:
+        if text.startswith("https://"):
+            parts = urlsplit(text)
+            if parts.query:
+                raise InvalidInput("an Azure URL with a query string (a SAS?) would put a secret in the job's arguments: "
+                                   "pass the SAS in AZURE_STORAGE_SAS_TOKEN instead")
+            m = _ACCOUNT_HOST.match(parts.hostname or "")
+            if not m:
+                raise InvalidInput(f"invalid source {text!r}: expected https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX/")
+            return parse_bucket_uri("az://" + parts.path.lstrip("/"), "az", account=m.group(1))
+        return parse_bucket_uri(text, "az")
+
+    def __init__(self, ref: SourceRef, settings):
+        super().__init__(ref, settings)
+        self._container = None
+        self._lock = threading.Lock()
+
+    def container(self):
+        with self._lock:
+            if self._container is None:
+                blob = require_sdk("azure.storage.blob", "azure", self.ref.display())
+                s = self.settings
+                opts = dict(
+                    retry_total=0,  # one retry policy for the whole agent, ours
+                    connection_timeout=min(30.0, s.stall_timeout), read_timeout=s.stall_timeout,
+                    max_single_get_size=PIECE, max_chunk_get_size=PIECE,
+                )
+                if s.azure_connection_string:
+                    service = blob.BlobServiceClient.from_connection_string(s.azure_connection_string, **opts)
+                else:
+                    account = self.ref.account or s.azure_account
+                    if not account:
+                        raise InvalidInput(f"{self.ref.display()}: which storage account? Use https://ACCOUNT.blob.core."
+                                           "windows.net/CONTAINER/PREFIX/, AZURE_STORAGE_ACCOUNT or AZURE_STORAGE_CONNECTION_STRING")
+                    url = f"https://{account}.blob.core.windows.net"
+                    if s.azure_account_key:
+                        credential = {"account_name": account, "account_key": s.azure_account_key}
+                    elif s.azure_sas_token:
+                        credential = s.azure_sas_token.lstrip("?")
+                    else:
+                        identity = require_sdk("azure.identity", "azure", self.ref.display())
+                        credential = identity.DefaultAzureCredential()
+                    service = blob.BlobServiceClient(url, credential=credential, **opts)
+                self._container = service.get_container_client(self.ref.bucket)
+            return self._container
+
+    def map_error(self, exc: Exception, what: str) -> Exception:
+        from azure.core import exceptions as ax
+
+        status = getattr(exc, "status_code", None)
+        code = str(getattr(exc, "error_code", "") or "")
+        if isinstance(exc, ax.ClientAuthenticationError) or status in (401, 403) or "CredentialUnavailable" in type(exc).__name__:
+            return AuthError(f"{what}: access refused ({code or status or type(exc).__name__}): check the credentials and RBAC")
+        if isinstance(exc, ax.ResourceNotFoundError) or status == 404:
+            if code == "ContainerNotFound":
+                return NotFound(f"{what}: container {self.ref.bucket!r} does not exist")
+            return NotFound(f"{what}: not found ({code or status})")
+        if status and (status >= 500 or status in (408, 429)):
+            return Retryable(f"azure_{status}", f"{what}: HTTP {status} {code}")
+        if isinstance(exc, (ax.ServiceRequestError, ax.ServiceResponseError, ConnectionError, TimeoutError)):
+            return Retryable("connection", f"{what}: {type(exc).__name__}")
+        if isinstance(exc, ValueError):
+            return InvalidInput(f"{what}: {exc}")
+        return AgentError(f"{what}: {type(exc).__name__}: {code or exc}")
+
+    def list_objects(self):
+        for b in self.container().list_blobs(name_starts_with=self.ref.prefix or None):
+            md5 = bytes(b.content_settings.content_md5).hex() if b.content_settings.content_md5 else None
+            etag = str(b.etag).strip('"')
+            version_id = getattr(b, "version_id", None)
+            record = {"etag": etag, **({"content_md5": md5} if md5 else {}), **({"version_id": version_id} if version_id else {})}
+            yield ObjectInfo(
+                key=b.name, size=int(b.size), content_version=etag, etag=content_key(etag),  # = the lockfile's etag
+                checksums={"md5": md5} if md5 else {}, record=record,
+            )
+
+    def reader(self, engine: str, commit: str) -> RangeReader:
+        if engine in ("xet", "hf_transfer"):
+            raise InvalidInput(f"--engine {engine} is for Hugging Face sources; object stores use auto or http")
+        return AzureReader(self)
+
+
+class AzureReader(RangeReader):
+    name = "azure"
+
+    def __init__(self, source: AzureSource):
+        self.source = source
+        self.container = source.container()
+
+    def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
+        from azure.core import MatchConditions
+        from azure.core import exceptions as ax
+
+        what = f"{self.source.ref.display()} {file.path}"
+        if file.size == 0:
+            return
+        blob = self.container.get_blob_client(self.source.ref.prefix + file.path)
+        try:
+            stream = blob.download_blob(offset=start, length=end - start, etag=file.version["etag"],
+                                        match_condition=MatchConditions.IfNotModified, max_concurrency=1)
+            for piece in stream.chunks():
+                yield piece
+        except (ax.ResourceModifiedError, ax.ResourceNotFoundError) as exc:
+            raise changed(self.source, file, type(exc).__name__) from None
+        except ax.HttpResponseError as exc:
+            if exc.status_code == 412:
+                raise changed(self.source, file, "HTTP 412") from None
+            raise self.source.map_error(exc, what) from None
+        except (ax.ServiceRequestError, ax.ServiceResponseError, ax.IncompleteReadError, OSError) as exc:
+            raise Retryable("connection", f"{what}: {type(exc).__name__}") from None

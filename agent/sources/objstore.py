@@ -1,0 +1,245 @@
+"""What the object-store backends (s3://, gs://, az://) and the mounted-path source share.
+
+A bucket has no revisions, so its identity is its content: the sha1 of the sorted manifest lines
+`path\\tsize\\tversion\\n` (DESIGN.md, "On disk"). The same bucket state always yields the same
+snapshot folder, and a pull of an unchanged bucket is a no-op. Every byte read afterwards is pinned
+to the listed version (If-Match, generation, VersionId): if an object changes under a running
+pull, the read fails with `SourceChanged` (exit 7, retryable) instead of mixing old and new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from .. import httpio
+from ..errors import AgentError, InvalidInput, NotFound, Retryable, TransientError
+from ..layout import safe_relpath
+from ..retry import RetryPolicy, call_with_retry
+from .base import RangeReader, RemoteFile, Source, SourceRef
+
+T = TypeVar("T")
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class SourceChanged(TransientError):
+    """An object changed (or vanished) after the listing this pull is pinned to.
+
+    Exit 7: the Job's retry resolves the new bucket state and pulls that, whole. Nothing of the
+    interrupted pull is marked ready, so no snapshot ever mixes the two states.
+    """
+
+    kind = "source_changed"
+
+
+def require_sdk(module: str, extra: str, what: str):
+    """Import an optional cloud SDK, or say which extra installs it (exit 2)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise InvalidInput(f"{what}: this source needs the '{extra}' extra: pip install 'model-agent[{extra}]' "
+                           f"(Python module {module} is missing)") from None
+
+
+def content_id(files: Iterable[RemoteFile]) -> str:
+    """sha1 hex of the sorted lines `path\\tsize\\tversion\\n`: the snapshot folder of a bucket state."""
+    lines = sorted(f"{f.path}\t{f.size}\t{f.version.get('content_version', '')}\n" for f in files)
+    return hashlib.sha1("".join(lines).encode()).hexdigest()
+
+
+def content_key(*parts: str) -> str:
+    """A file-system-safe blob / partial-file name from a store's own content identifiers."""
+    return _SAFE_KEY.sub("_", "-".join(p for p in parts if p))[:200]
+
+
+def parse_bucket_uri(text: str, scheme: str, *, account: str = "") -> SourceRef:
+    """`scheme://bucket/prefix` -> SourceRef. The prefix always names a folder (ends in '/')."""
+    body = text.split("://", 1)[1] if "://" in text else text
+    bucket, _, prefix = body.partition("/")
+    if not _BUCKET.match(bucket):
+        raise InvalidInput(f"invalid source {text!r}: expected {scheme}://BUCKET/PREFIX/")
+    prefix = prefix.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"  # `s3://b/llama` means the folder llama/, never also llama-2/...
+    return SourceRef(scheme=scheme, bucket=bucket, prefix=prefix, account=account)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object, before its key is turned into a safe relative path."""
+
+    key: str
+    size: int
+    content_version: str  # what the content id hashes: changes whenever the bytes may have
+    etag: str  # content key: blob name in the HF layout, partial-file key
+    checksums: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)  # lockfile fields: etag, version_id, generation, ...
+
+
+class ObjectStoreSource(Source):
+    """resolve = list + content id; list_files = that same listing; readers pinned per object."""
+
+    logger = None  # set by the pipeline when it has one
+
+    def __init__(self, ref: SourceRef, settings):
+        super().__init__(ref, settings)
+        self.policy = RetryPolicy(settings.retry_max_failures, settings.retry_base_delay)
+        self.on_retry: Callable[[str, float, Exception], None] = lambda reason, delay, exc: None
+        self._files: list[RemoteFile] | None = None
+
+    # -- what each backend provides ---------------------------------------------------------------
+    @abstractmethod
+    def list_objects(self) -> Iterator[ObjectInfo]:
+        """Every object under the prefix, raw (markers included); SDK errors may escape."""
+
+    @abstractmethod
+    def map_error(self, exc: Exception, what: str) -> Exception:
+        """The contract's meaning of an SDK error: AuthError, NotFound, Retryable, InvalidInput..."""
+
+    # -- the Source interface ---------------------------------------------------------------------
+    def default_revision(self) -> str:
+        return "main"  # the source has no revisions: --revision only names refs/<revision>
+
+    def layout_repo(self) -> tuple[str, str]:
+        from .huggingface import check_repo_id
+
+        if not self.settings.repo_id:
+            raise InvalidInput(f"{self.ref.display()}: an object-store source needs --local-dir DIR, or --repo-id "
+                               "ORG/NAME to store it in the Hugging Face cache layout under that name")
+        return "model", check_repo_id(self.settings.repo_id)
+
+    def resolve(self, revision: str) -> str:
+        from .huggingface import check_revision
+
+        check_revision(revision)
+        return content_id(self.listing())
+
+    def list_files(self, commit: str) -> list[RemoteFile]:
+        files = self.listing()
+        now = content_id(files)
+        if now != commit:
+            raise NotFound(f"{self.ref.display()}: content id {commit[:12]} is not what the source holds now "
+                           f"({now[:12]}); pull without a content id to take the current state")
+        return files
+
+    # -- shared machinery -------------------------------------------------------------------------
+    def call(self, fn: Callable[[], T], what: str) -> T:
+        def attempt() -> T:
+            try:
+                return fn()
+            except (AgentError, Retryable):
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a meaning right here
+                raise self.map_error(exc, what) from None
+
+        return call_with_retry(attempt, policy=self.policy, what=what, on_retry=self.on_retry)
+
+    def listing(self) -> list[RemoteFile]:
+        if self._files is None:
+            what = self.ref.display()
+            raw = self.call(lambda: list(self.list_objects()), what)
+            self._files = self.to_files(raw)
+        return self._files
+
+    def to_files(self, objects: list[ObjectInfo]) -> list[RemoteFile]:
+        what = self.ref.display()
+        files = []
+        for obj in objects:
+            if obj.key.endswith("/") and obj.size == 0:
+                continue  # a zero-byte "directory marker" some tools create
+            rel = obj.key[len(self.ref.prefix):] if obj.key.startswith(self.ref.prefix) else obj.key
+            files.append(RemoteFile(
+                path=safe_relpath(rel, context=what), size=obj.size, etag=obj.etag, checksums=dict(obj.checksums),
+                version={**obj.record, "content_version": obj.content_version},
+            ))
+        if not files:
+            raise NotFound(f"{what}: no objects under this prefix")
+        return files
+
+    def warn(self, event: str, message: str, **fields) -> None:
+        if self.logger is not None:
+            self.logger.warn(event, message, **fields)
+
+
+def b64_to_hex(value: str | None) -> str | None:
+    import base64
+    import binascii
+
+    if not value:
+        return None
+    try:
+        return base64.b64decode(value, validate=True).hex()
+    except (binascii.Error, ValueError):
+        return None
+
+
+class PinnedHttpReader(RangeReader):
+    """Ranged GETs over our urllib3 pool (the fastest reader measured, see bench/objstore.py).
+
+    A backend supplies the URL and headers of a pinned read; this class owns the HTTP rules:
+    a 206 must start where asked, a 412 or 404 means the object changed since the listing.
+    """
+
+    name = "http"
+
+    def __init__(self, source: ObjectStoreSource):
+        self.source = source
+        settings = source.settings
+        self.pool = httpio.make_pool(settings.workers, settings.stall_timeout)
+
+    @abstractmethod
+    def request_for(self, file: RemoteFile, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """(url, headers) of a GET pinned to the listed version of `file`."""
+
+    def check_version(self, file: RemoteFile, headers, what: str) -> None:
+        """Refuse a response whose validator says it is another version than the listed one."""
+
+    def refused(self, file: RemoteFile, resp, what: str) -> Exception | None:
+        """A backend's own reading of a 403 (an expired presigned URL...), or None."""
+        return None
+
+    def what(self, file: RemoteFile) -> str:
+        return f"{self.source.ref.display()} {file.path}"
+
+    def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[memoryview]:
+        what = self.what(file)
+        whole = (start == 0 and end == file.size) or file.size == 0
+        headers = {"Accept-Encoding": "identity", "User-Agent": "model-agent"}
+        if not whole:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        url, headers = self.request_for(file, headers)
+        resp = httpio.request(self.pool, "GET", url, headers, what)
+        status = resp.status
+        if status in (200, 206):
+            try:
+                self.check_version(file, resp.headers, what)
+                if status == 206:
+                    httpio.check_content_range(resp.headers, start, end, file.size, what)
+            except BaseException:
+                httpio.drain(resp)
+                raise
+            body = httpio.stream_body(resp, what)
+            yield from (body if status == 206 or whole else httpio.skip_to(body, start, end))
+            return
+        httpio.drain(resp)
+        if status in (404, 412):
+            raise changed(self.source, file, f"HTTP {status}")
+        if status == 403:
+            special = self.refused(file, resp, what)
+            if special is not None:
+                raise special
+        raise httpio.classify_status(status, resp.headers, what)
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+def changed(source: Source, file: RemoteFile, detail: str) -> SourceChanged:
+    return SourceChanged(f"{source.ref.display()} {file.path}: changed or removed since the listing this pull is "
+                         f"pinned to ({detail}); nothing was marked ready; pull again to get the new state")

@@ -1,0 +1,200 @@
+"""S3 and S3-compatible stores (MinIO, Ceph RGW, SeaweedFS): `s3://BUCKET/PREFIX/`.
+
+boto3 does what it is best at: the credential chain (env, profile, IRSA, instance role, SSO) and
+the listing. The bytes go through presigned, pinned GETs on our own urllib3 pool: measured on
+SeaweedFS it moves the same bytes with less CPU than boto3's get_object (see bench/objstore.py and
+README "Object stores"). Presigning is local computation, so it costs nothing per range.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from .. import httpio
+from ..errors import AgentError, AuthError, InvalidInput, NotFound, Retryable
+from .base import RangeReader, RemoteFile, SourceRef, register
+from .objstore import ObjectInfo, ObjectStoreSource, PinnedHttpReader, changed, content_key, parse_bucket_uri, require_sdk
+
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+PRESIGN_SECONDS = 3600
+_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "InvalidToken",
+               "ExpiredToken", "AccountProblem", "InvalidSecurity", "UnauthorizedAccess"}
+_MISSING_CODES = {"NoSuchBucket", "NoSuchKey", "NotFound", "404"}
+_RETRY_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "ThrottlingException",
+                "RequestTimeTooSkewed", "503", "500", "502", "504"}
+
+
+@register
+class S3Source(ObjectStoreSource):
+    schemes = ("s3",)
+
+    @staticmethod
+    def parse(text: str) -> SourceRef:
+        return parse_bucket_uri(text, "s3")
+
+    def __init__(self, ref: SourceRef, settings):
+        super().__init__(ref, settings)
+        self._client = None
+        self._region: str | None = None
+        self._lock = threading.Lock()
+
+    # -- the SDK ------------------------------------------------------------------------------------
+    def client(self, region: str | None = None):
+        """A boto3 client from the standard credential chain; path-style when an endpoint is given."""
+        with self._lock:
+            if self._client is not None and region in (None, self._region):
+                return self._client
+            boto3 = require_sdk("boto3", "s3", self.ref.display())
+            from botocore import UNSIGNED
+            from botocore.config import Config
+
+            session = boto3.session.Session()
+            endpoint = self.settings.endpoint_url
+            anonymous = session.get_credentials() is None  # public buckets: no credentials anywhere
+            config = Config(
+                signature_version=UNSIGNED if anonymous else "s3v4",
+                s3={"addressing_style": "path" if endpoint else "auto"},
+                max_pool_connections=max(self.settings.workers, 10),
+                # One retry policy for the whole agent: ours (agent/retry.py), not the SDK's as well.
+                retries={"total_max_attempts": 1},
+                connect_timeout=min(30.0, self.settings.stall_timeout),
+                read_timeout=self.settings.stall_timeout,
+            )
+            region = region or session.region_name or ("us-east-1" if endpoint else None)
+            self._client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+            self._region = region
+            return self._client
+
+    def map_error(self, exc: Exception, what: str) -> Exception:
+        from botocore import exceptions as bx
+
+        if isinstance(exc, bx.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _AUTH_CODES or status in (401, 403):
+                return AuthError(f"{what}: access refused ({code or status}): check the credentials and the bucket policy")
+            if code == "NoSuchBucket":
+                return NotFound(f"{what}: bucket {self.ref.bucket!r} does not exist")
+            if code in _MISSING_CODES or status == 404:
+                return NotFound(f"{what}: not found ({code or status})")
+            if code in _RETRY_CODES or (status and (status >= 500 or status in (408, 429))):
+                return Retryable(f"s3_{code or status}", f"{what}: {code or status}")
+            if code == "PermanentRedirect":
+                return InvalidInput(f"{what}: the bucket lives in another region or endpoint ({code})")
+            return AgentError(f"{what}: S3 error {code or status}")
+        if isinstance(exc, bx.NoCredentialsError):
+            return AuthError(f"{what}: no AWS credentials found")
+        if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionError, bx.ReadTimeoutError,
+                            bx.ConnectTimeoutError, bx.HTTPClientError)):
+            return Retryable("connection", f"{what}: {type(exc).__name__}")
+        if isinstance(exc, (bx.ParamValidationError, ValueError)):
+            return InvalidInput(f"{what}: {exc}")
+        return AgentError(f"{what}: {type(exc).__name__}: {exc}")
+
+    # -- listing -----------------------------------------------------------------------------------
+    def _versioned(self, client) -> bool:
+        try:
+            status = client.get_bucket_versioning(Bucket=self.ref.bucket).get("Status")
+        except Exception:  # noqa: BLE001 - a reader may lack s3:GetBucketVersioning: then pin by ETag alone
+            return False
+        return status in ("Enabled", "Suspended")
+
+    def list_objects(self):
+        client = self.client()
+        if self._versioned(client):
+            pages = client.get_paginator("list_object_versions").paginate(Bucket=self.ref.bucket, Prefix=self.ref.prefix)
+            entries = [v for page in pages for v in page.get("Versions", []) if v.get("IsLatest")]
+            self._learn_region(None)
+        else:
+            entries = []
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.ref.bucket, Prefix=self.ref.prefix):
+                self._learn_region(page)
+                entries += page.get("Contents", [])
+        md5_etags = self._etags_are_md5(client, entries)
+        for e in entries:
+            etag = str(e.get("ETag", "")).strip('"')
+            version_id = e.get("VersionId")
+            version_id = None if version_id in (None, "null") else version_id
+            checksums = {"md5": etag} if md5_etags and _MD5_ETAG.match(etag) else {}
+            record = {"etag": etag, **({"version_id": version_id} if version_id else {})}
+            yield ObjectInfo(
+                key=e["Key"], size=int(e["Size"]), etag=content_key(etag),  # = the lockfile's etag: trusted on re-pulls
+                content_version=f"{etag}:{version_id}" if version_id else etag, checksums=checksums, record=record,
+            )
+
+    def _learn_region(self, page) -> None:
+        """AWS answers in the bucket's region; presigned URLs must be signed for that region."""
+        if page and not self.settings.endpoint_url:
+            region = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+            if region and region != self._region:
+                self.client(region)
+
+    def _etags_are_md5(self, client, entries: list[dict]) -> bool:
+        """A single-part ETag is the MD5 of the bytes, except under SSE-KMS / SSE-C.
+
+        Encryption is a bucket default in practice, so one HEAD of one object tells; a bucket
+        whose objects differ would show up as an integrity error, never as wrong bytes accepted.
+        """
+        sample = next((e for e in entries if _MD5_ETAG.match(str(e.get("ETag", "")).strip('"')) and e["Size"]), None)
+        if sample is None:
+            return False
+        try:
+            head = client.head_object(Bucket=self.ref.bucket, Key=sample["Key"])
+        except Exception:  # noqa: BLE001 - cannot tell: verify by size only
+            return False
+        return head.get("ServerSideEncryption") not in ("aws:kms", "aws:kms:dsse") and not head.get("SSECustomerAlgorithm")
+
+    def reader(self, engine: str, commit: str) -> RangeReader:
+        if engine in ("xet", "hf_transfer"):
+            raise InvalidInput(f"--engine {engine} is for Hugging Face sources; object stores use auto or http")
+        return S3Reader(self)
+
+
+class S3Reader(PinnedHttpReader):
+    """Presigned GETs pinned with If-Match (and VersionId on versioned buckets)."""
+
+    def __init__(self, source: S3Source):
+        super().__init__(source)
+        self.s3 = source
+        self._urls: dict[str, tuple[float, float, str]] = {}  # path -> (signed at, renew after, url)
+        self._lock = threading.Lock()
+
+    def request_for(self, file: RemoteFile, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+        etag = file.version.get("etag")
+        if etag:
+            headers["If-Match"] = f'"{etag}"'
+        return self.url(file), headers
+
+    def url(self, file: RemoteFile) -> str:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._urls.get(file.path)
+            if cached and cached[1] > now:
+                return cached[2]
+        params = {"Bucket": self.s3.ref.bucket, "Key": self.s3.ref.prefix + file.path}
+        if file.version.get("version_id"):
+            params["VersionId"] = file.version["version_id"]
+        try:
+            url = self.s3.client().generate_presigned_url("get_object", Params=params, ExpiresIn=PRESIGN_SECONDS)
+        except Exception as exc:  # noqa: BLE001
+            raise self.s3.map_error(exc, self.what(file)) from None
+        with self._lock:
+            # Renewed well before it expires; temporary credentials may end sooner (then: `refused`).
+            self._urls[file.path] = (now, now + PRESIGN_SECONDS / 4, url)
+        return url
+
+    def check_version(self, file: RemoteFile, headers, what: str) -> None:
+        got = (headers.get("ETag") or "").strip('"')
+        if got and file.version.get("etag") and got != file.version["etag"]:
+            raise changed(self.source, file, f"ETag is now {got}")
+
+    def refused(self, file: RemoteFile, resp, what: str) -> Exception | None:
+        with self._lock:
+            signed_at = self._urls.pop(file.path, (0.0,))[0]
+        if time.monotonic() - signed_at < 60:
+            return None  # a URL signed a moment ago was refused: really denied
+        # Temporary credentials (IRSA, instance roles) can expire before the URL does: re-sign once.
+        return httpio.UrlExpired(f"{what}: presigned URL refused (HTTP 403), signing a new one")
