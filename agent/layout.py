@@ -72,13 +72,19 @@ def atomic_write(final: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def promote(tmp: Path, final: Path) -> None:
-    """Move a finished, verified temp file to its final name (same folder or same filesystem)."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+def promote(tmp: Path, final: Path, *, synced: bool = False, fsync_parent: bool = True) -> None:
+    """Move a finished, verified temp file to its final name (same folder or same filesystem).
+
+    `synced`: the caller already fsynced the data. `fsync_parent=False`: the caller fsyncs the
+    folder itself later (once for many files), before anything that vouches for them is written.
+    """
+    if not synced:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, final)
-    fsync_dir(final.parent)
+    if fsync_parent:
+        fsync_dir(final.parent)
 
 
 def relative_symlink(target: Path, link: Path) -> None:
