@@ -81,7 +81,8 @@ def promote(tmp: Path, final: Path, *, synced: bool = False, fsync_parent: bool 
     if not synced:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if fsync_parent:
+        final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, final)
     if fsync_parent:
         fsync_dir(final.parent)

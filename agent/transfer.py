@@ -61,7 +61,7 @@ def _write_all(fd: int, data, offset: int) -> None:
 class PartialFile:
     """One file being downloaded: its temp file, its ranges, and how far each has got."""
 
-    def __init__(self, job: FileJob, chunk_size: int, ranged: bool):
+    def __init__(self, job: FileJob, chunk_size: int, ranged: bool, candidates: list[Path] | None = None):
         self.job = job
         self.file = job.file
         self.chunk = max(chunk_size, 1) if ranged else max(job.file.size, 1)
@@ -70,13 +70,14 @@ class PartialFile:
         self.lock = threading.Lock()
         self.path = job.partial_dir / f"{job.file.etag}.ma-{os.getpid()}-{uuid.uuid4().hex[:8]}.incomplete"
         self.sidecar = self.path.with_name(self.path.name + ".json")
-        self._last_flush = 0.0
+        # A file that lands within the first flush interval never needs a resume record.
+        self._last_flush = time.monotonic()
+        self.flushed = False
         self.resumed_bytes = 0
         self.digests = checksums.Digests(job.file.size, job.file.checksums)
         self._hash_lock = threading.Lock()
-        job.partial_dir.mkdir(parents=True, exist_ok=True)
         if ranged:
-            self._adopt()
+            self._adopt(candidates)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if self.resumed_bytes == 0:
             os.ftruncate(self.fd, 0)
@@ -91,10 +92,12 @@ class PartialFile:
     def _state(self) -> dict:
         return {"etag": self.file.etag, "size": self.file.size, "chunk": self.chunk, "done": self.done}
 
-    def _adopt(self) -> None:
+    def _adopt(self, candidates: list[Path] | None) -> None:
         """Take over the most complete partial a dead writer left for this same content."""
         best: tuple[int, Path, list[int]] | None = None
-        for candidate in self.job.partial_dir.glob(f"{self.file.etag}.ma-*.incomplete"):
+        if candidates is None:
+            candidates = list(self.job.partial_dir.glob(f"{self.file.etag}.ma-*.incomplete"))
+        for candidate in candidates:
             try:
                 state = json.loads(candidate.with_name(candidate.name + ".json").read_text())
             except (OSError, ValueError):
@@ -187,6 +190,7 @@ class PartialFile:
         tmp.write_text(json.dumps(self._state()))
         os.replace(tmp, self.sidecar)
         self._last_flush = now
+        self.flushed = True
 
     def reset(self) -> int:
         """Throw every byte away (bad checksum, or a server that ignores ranges); returns how many."""
@@ -205,6 +209,20 @@ class PartialFile:
             self.sidecar.unlink(missing_ok=True)
 
 
+def leftover_partials(folders: set[Path]) -> dict[tuple[Path, str], list[Path]]:
+    """Partial files dead writers left, by (folder, content key): one listing per folder, not per file."""
+    found: dict[tuple[Path, str], list[Path]] = {}
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            if ".ma-" in name and name.endswith(".incomplete"):
+                found.setdefault((folder, name.split(".", 1)[0]), []).append(folder / name)
+    return found
+
+
 class Transfer:
     """Runs every file's ranges on one bounded pool; the first hard error stops the rest."""
 
@@ -219,6 +237,7 @@ class Transfer:
         self.stop = threading.Event()
         self._first_error: BaseException | None = None
         self.dirty_dirs: set[Path] = set()
+        self._leftovers: dict[tuple[Path, str], list[Path]] = {}
         self._error_lock = threading.Lock()
 
     def _fail(self, exc: BaseException) -> None:
@@ -232,6 +251,9 @@ class Transfer:
             return
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="transfer")
         try:
+            for folder in {job.partial_dir for job in jobs}:
+                folder.mkdir(parents=True, exist_ok=True)
+            self._leftovers = leftover_partials({job.partial_dir for job in jobs})
             futures = []
             # Biggest first: the long poles start early, small files fill the gaps.
             for job in sorted(jobs, key=lambda j: -j.file.size):
@@ -251,7 +273,8 @@ class Transfer:
 
     def _submit_file(self, pool: ThreadPoolExecutor, job: FileJob) -> list:
         reader = self.reader.for_file(job.file)
-        pf = PartialFile(job, reader.range_size(self.chunk_size), reader.ranged)
+        pf = PartialFile(job, reader.range_size(self.chunk_size), reader.ranged,
+                         self._leftovers.get((job.partial_dir, job.file.etag), []))
         if pf.resumed_bytes:
             self.progress.add_bytes(pf.resumed_bytes)
         pending = [i for i in range(pf.count) if pf.done[i] < pf.bounds(i)[1] - pf.bounds(i)[0]]
@@ -279,6 +302,14 @@ class Transfer:
                 raise
 
         return [pool.submit(task, i) for i in pending]
+
+    def _ensure_dir(self, folder: Path) -> None:
+        """mkdir once per folder and run (a stat per small file adds up), and remember to fsync it."""
+        with self._error_lock:
+            if folder in self.dirty_dirs:
+                return
+            self.dirty_dirs.add(folder)
+        folder.mkdir(parents=True, exist_ok=True)
 
     def _what(self, pf: PartialFile) -> str:
         return pf.file.path
@@ -338,10 +369,10 @@ class Transfer:
                 pf.close(keep=True)
                 # The folder is fsynced once for all its files when the run ends (see `run`):
                 # two fsyncs per file dominate a snapshot of many small files.
+                self._ensure_dir(pf.job.final.parent)
                 promote(pf.path, pf.job.final, synced=True, fsync_parent=False)
-                with self._error_lock:
-                    self.dirty_dirs.add(pf.job.final.parent)
-                pf.sidecar.unlink(missing_ok=True)
+                if pf.flushed or pf.resumed_bytes:
+                    pf.sidecar.unlink(missing_ok=True)
                 self.progress.file_done(pf.file)
                 return
             if attempt == 2:
