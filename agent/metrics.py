@@ -8,6 +8,7 @@ a URL with a query string.
 
 from __future__ import annotations
 
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -142,8 +143,8 @@ class Metrics:
     def write_textfile(self, path: Path) -> None:
         atomic_write(path, self.render())
 
-    def push(self, gateway: str, job: str, model: str) -> None:
-        push_to_gateway(gateway, job=job, registry=self.registry, grouping_key={"model": model}, timeout=10)
+    def push(self, gateway: str, job: str, grouping: dict[str, str]) -> None:
+        push_to_gateway(gateway, job=job, registry=self.registry, grouping_key=grouping, timeout=10)
 
     def close(self) -> None:
         if self._server is not None:
@@ -163,6 +164,9 @@ class Exporter:
                  logger, interval: float = 10.0, job: str = "model-agent"):
         self.metrics, self.textfile, self.pushgateway = metrics, textfile, pushgateway
         self.model, self.logger, self.interval, self.job = model, logger, interval, job
+        # One Job pulls one model: group by it, so a retried pod replaces its predecessor's metrics.
+        # A sync DaemonSet runs on every node: group by node, or the nodes would overwrite each other.
+        self.grouping = {"instance": socket.gethostname()} if model == "sync" else {"model": model}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="metrics-export", daemon=True)
 
@@ -189,6 +193,6 @@ class Exporter:
                 self.logger.warn("metrics_textfile", f"cannot write {self.textfile}: {exc.strerror}")
         if self.pushgateway:
             try:
-                self.metrics.push(self.pushgateway, self.job, self.model)
+                self.metrics.push(self.pushgateway, self.job, self.grouping)
             except Exception as exc:  # noqa: BLE001 - metrics must never fail a pull
                 self.logger.warn("metrics_push", f"push to the Pushgateway failed: {type(exc).__name__}")
