@@ -174,3 +174,19 @@ def test_a_pull_that_cannot_fit_after_gc_is_exit_6(hub, tmp_path):
                   env=hub_env(hub, MODEL_AGENT_DISK_MARGIN="1000Ti"))
     assert r.returncode == 6, r.stderr
     assert "GiB free" in r.stderr and "garbage collection" in r.stderr
+
+
+def test_gc_leaves_a_model_alone_while_its_writer_lease_is_live(hub, tmp_path):
+    hub.add_repo("org/a", files("a"))
+    cache = tmp_path / "cache"
+    cfg = write_config(tmp_path / "cm", [{"source": "org/a"}])
+    assert run_agent("sync", "--config", str(cfg), "--once", "--cache-dir", str(cache), env=hub_env(hub)).returncode == 0
+    empty = write_config(tmp_path / "cm2", [{"source": "org/other"}])
+    lease = cache / ".locks" / "models--org--a" / "model-agent.lease"
+    lease.parent.mkdir(parents=True, exist_ok=True)
+    lease.write_text(json.dumps({"host": "node-1", "pid": 1, "id": "x", "heartbeat": 1}))  # a pull in progress
+    r = run_agent("gc", "--dry-run", "--max-bytes", "1", "--cache-dir", str(cache), "--config", str(empty), env=hub_env(hub))
+    assert r.returncode == 0 and "org/a" not in r.stdout, r.stdout
+    lease.unlink()
+    r = run_agent("gc", "--dry-run", "--max-bytes", "1", "--cache-dir", str(cache), "--config", str(empty), env=hub_env(hub))
+    assert "would remove org/a@" in r.stdout
