@@ -43,8 +43,10 @@ def test_sigkill_then_resume_fetches_the_rest_only(hub, big_files, tmp_path):
     assert r.returncode == 0, r.stderr
     assert_snapshot(cache, "org/big", commit, big_files)
     total = hub.stats.bytes_sent(big)
-    # Resumed: the second run fetched about what was missing (the sidecar lags by < 1 s of bytes).
-    assert total < size * 1.15, (total, size)
+    # Resumed: the second run fetched about what was missing. Slack: the record lags the data by up
+    # to 0.5 s per stream, and bytes still in the killed client's socket buffers were counted as sent.
+    # Starting over would cost at least 1.3x (30% or more had been sent before the kill).
+    assert total < size * 1.25, (total, size)
     assert not list((cache / "models--org--big" / "blobs").glob("*.incomplete*"))
 
 
