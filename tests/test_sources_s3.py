@@ -175,7 +175,8 @@ def test_sigkill_then_resume_fetches_only_the_rest(weed, proxy, tmp_path):
     assert r.returncode == 0, r.stderr
     assert_local_dir(dest, files, summary(r.stderr)["commit"])
     # Resumed: about what was missing (socket buffers and the sidecar's 0.5 s lag are lost).
-    assert first + proxy.body_bytes < size * 1.2, (proxy.body_bytes, first, size)
+    # Starting over would cost 1.4x or more: the kill came after 40% had been sent.
+    assert first + proxy.body_bytes < size * 1.3, (proxy.body_bytes, first, size)
 
 
 def test_bucket_rewritten_mid_pull_fails_retryably_then_pulls_the_new_state(weed, proxy, tmp_path):
