@@ -58,6 +58,18 @@ def _write_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+_local = threading.local()
+
+
+def _hash_buffer() -> bytearray:
+    """One reusable read buffer per thread: hashing allocates nothing, so peak RSS stays flat
+    (fresh multi-MiB reads per block let glibc's heap grow with the amount hashed)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(2**20)
+    return buf
+
+
 class PartialFile:
     """One file being downloaded: its temp file, its ranges, and how far each has got."""
 
@@ -170,12 +182,13 @@ class PartialFile:
                     self.digests.fed = end
                     continue
                 pos = self.digests.fed
+                buf = _hash_buffer()
                 while pos < end:
-                    data = os.pread(self.fd, min(checksums.BLOCK, end - pos), pos)
-                    if not data:
+                    n = os.preadv(self.fd, [memoryview(buf)[: min(len(buf), end - pos)]], pos)
+                    if not n:
                         return
-                    self.digests.update(data)
-                    pos += len(data)
+                    self.digests.update(memoryview(buf)[:n])
+                    pos += n
         finally:
             self._hash_lock.release()
 
