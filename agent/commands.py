@@ -31,7 +31,6 @@ def _summary(logger: Logger, r: PullResult) -> None:
 
 def cmd_pull(args, settings: Settings, logger: Logger, env) -> int:
     from .errors import AgentError, InvalidInput
-    from .metrics import Exporter, Metrics
 
     if bool(args.config) == bool(args.source):
         raise InvalidInput("pull: give either SOURCE or --config models.yaml")
@@ -41,23 +40,19 @@ def cmd_pull(args, settings: Settings, logger: Logger, env) -> int:
     if settings.repo_id and ref.scheme != "hf":  # a bucket stored under --repo-id is known by that name
         ref = dataclasses.replace(ref, repo_id=settings.repo_id)
     model = ref.model_id()
-    metrics = Metrics(source_label=ref.scheme)
-    metrics.expect(model)
-    if settings.metrics_port is not None:
-        port = metrics.serve(settings.metrics_port)
-        logger.info("metrics", f"serving /metrics, /healthz, /readyz on port {port}", port=port)
-    pull = Pull(ref, settings, logger, tty=sys.stderr.isatty(), listeners=[metrics])
-    try:
-        with Exporter(metrics, textfile=settings.metrics_textfile, pushgateway=settings.pushgateway, model=model,
-                      logger=logger):
-            try:
-                result = pull.run()
-            except AgentError as exc:
-                metrics.finished(model, pull.revision, "", time.monotonic() - pull.started, exc.kind)
-                raise
-            metrics.finished(model, result.revision, result.commit, result.seconds, "success")
-    finally:
-        metrics.close()
+
+    def go(metrics) -> PullResult:
+        metrics.expect(model)
+        pull = Pull(ref, settings, logger, tty=sys.stderr.isatty(), listeners=[metrics])
+        try:
+            result = pull.run()
+        except AgentError as exc:
+            metrics.finished(model, pull.revision, "", time.monotonic() - pull.started, exc.kind)
+            raise
+        metrics.finished(model, result.revision, result.commit, result.seconds, "success")
+        return result
+
+    result = _with_metrics(settings, logger, model, go, source_label=ref.scheme)
     _summary(logger, result)
     return 0
 
@@ -120,10 +115,11 @@ Run it again: nothing is downloaded, the marker says it is all there.""")
     return 0
 
 
-def _with_metrics(settings: Settings, logger: Logger, model: str, fn):
+def _with_metrics(settings: Settings, logger: Logger, model: str, fn, source_label: str = "hf"):
+    """Run `fn(metrics)` with the metrics endpoints, textfile and Pushgateway export around it."""
     from .metrics import Exporter, Metrics
 
-    metrics = Metrics()
+    metrics = Metrics(source_label=source_label)
     if settings.metrics_port is not None:
         port = metrics.serve(settings.metrics_port)
         logger.info("metrics", f"serving /metrics, /healthz, /readyz on port {port}", port=port)
@@ -186,10 +182,9 @@ def cmd_gc(args, settings: Settings, logger: Logger, env) -> int:
         victims, freed, used = gc.collect(cache, keep, high=limit, low=limit, by_volume=False,
                                           lease_ttl=settings.lease_ttl, dry_run=args.dry_run)
     elif mf is not None:
-        by_volume = mf.high_watermark.percent is not None
-        total = gc.shutil.disk_usage(cache).total if by_volume else 0
-        victims, freed, used = gc.collect(cache, keep, high=mf.high_watermark.limit(total), low=mf.low_watermark.limit(total),
-                                          by_volume=by_volume, lease_ttl=settings.lease_ttl, dry_run=args.dry_run)
+        high, low, by_volume = mf.limits(cache)
+        victims, freed, used = gc.collect(cache, keep, high=high, low=low, by_volume=by_volume,
+                                          lease_ttl=settings.lease_ttl, dry_run=args.dry_run)
     else:
         victims, freed, used = gc.collect(cache, keep, high=0, low=0, by_volume=False, lease_ttl=settings.lease_ttl,
                                           dry_run=args.dry_run, force=True)

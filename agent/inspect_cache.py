@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -12,13 +11,12 @@ from .errors import IntegrityError, NotFound, TimedOut
 from .layout import HubCacheLayout
 from .lockfile import is_ready, read_lock
 from .log import Logger
-
-_SHA = re.compile(r"^[0-9a-f]{40}$")
+from .sources.huggingface import COMMIT_SHA
 
 
 def ready_commit(layout, revision: str) -> str | None:
     """The commit `revision` names in this cache if its snapshot is ready, else None."""
-    commit = revision if _SHA.match(revision) else layout.read_ref(revision)
+    commit = revision if COMMIT_SHA.match(revision) else layout.read_ref(revision)
     if commit and is_ready(layout.ready_path(commit), commit):
         return commit
     return None
@@ -59,7 +57,7 @@ def _expected(entry: dict, hub_layout: bool) -> dict[str, str]:
     if entry.get("sha256"):
         return {"sha256": entry["sha256"]}
     etag = entry.get("etag") or ""
-    if hub_layout and _SHA.match(etag):
+    if hub_layout and COMMIT_SHA.match(etag):
         return {"git_sha1": etag}  # a non-LFS Hub file: its blob id is git's hash of it
     if entry.get("md5"):
         return {"md5": entry["md5"]}
@@ -68,7 +66,7 @@ def _expected(entry: dict, hub_layout: bool) -> dict[str, str]:
 
 def verify_snapshot(layout, revision: str, model: str) -> tuple[str, int, int]:
     """Re-hash every file of a ready snapshot against its lockfile. Returns (commit, files, bytes)."""
-    commit = ready_commit(layout, revision) or (revision if _SHA.match(revision) else layout.read_ref(revision))
+    commit = ready_commit(layout, revision) or (revision if COMMIT_SHA.match(revision) else layout.read_ref(revision))
     if not commit:
         raise NotFound(f"{model}@{revision}: not in the cache")
     lock = read_lock(layout.lock_path(commit))

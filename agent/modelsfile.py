@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ class ModelsFile:
     high_watermark: Watermark = field(default_factory=lambda: Watermark(percent=90))
     low_watermark: Watermark = field(default_factory=lambda: Watermark(percent=80))
     interval: float = 600.0
+
+    def limits(self, cache_dir: Path) -> tuple[int, int, bool]:
+        """(high, low, by_volume) in bytes: percents are of the volume, sizes of the cache."""
+        by_volume = self.high_watermark.percent is not None
+        total = shutil.disk_usage(cache_dir).total if by_volume else 0
+        return self.high_watermark.limit(total), self.low_watermark.limit(total), by_volume
 
 
 def _strings(value: Any, what: str) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import NotFound, TimedOut
+from .inspect_cache import ready_commit
 from .layout import HubCacheLayout, LocalDirLayout, temp_name
 from .lease import Lease, LeaseWatch
 from .lockfile import Lock, LockedFile, clear_ready, is_ready, read_lock, write_lock, write_ready
@@ -76,8 +77,8 @@ class Pull:
         if COMMIT_SHA.match(self.revision):
             return self.revision  # immutable: nothing to ask the network
         if self.settings.offline:
-            commit = self.layout.read_ref(self.revision)
-            if commit and is_ready(self.layout.ready_path(commit), commit):
+            commit = ready_commit(self.layout, self.revision)
+            if commit:
                 return commit
             raise NotFound(f"{self.ref.display()}@{self.revision}: HF_HUB_OFFLINE=1 and no ready snapshot in the cache")
         return self.source.resolve(self.revision)

@@ -92,9 +92,7 @@ class Syncer:
 
     def _collect(self, mf: ModelsFile, need: int = 0, force_need: bool = False):
         cache = self.cache_dir(mf)
-        by_volume = mf.high_watermark.percent is not None
-        total = gc.shutil.disk_usage(cache).total if by_volume else 0
-        high, low = mf.high_watermark.limit(total), mf.low_watermark.limit(total)
+        high, low, by_volume = mf.limits(cache)
         if force_need:
             used = gc.usage(cache, gc.scan(cache), by_volume)[0]
             high = min(high, used)  # over the mark by definition: we need `need` bytes now
