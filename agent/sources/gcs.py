@@ -2,7 +2,7 @@
 
 google-cloud-storage lists and google-auth supplies credentials (GOOGLE_APPLICATION_CREDENTIALS,
 workload identity, the metadata server; STORAGE_EMULATOR_HOST for emulators). The bytes are
-ranged GETs of the JSON API's media endpoint on our urllib3 pool, pinned twice: `generation=`
+ranged GETs of the JSON API's media endpoint on our keep-alive connections, pinned twice: `generation=`
 reads exactly the listed generation and `ifGenerationMatch=` refuses any other (412).
 """
 

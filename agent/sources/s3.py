@@ -1,7 +1,7 @@
 """S3 and S3-compatible stores (MinIO, Ceph RGW, SeaweedFS): `s3://BUCKET/PREFIX/`.
 
 The SDK (botocore, boto3's core) does what it is best at: the credential chain (env, profile, IRSA, instance role, SSO) and
-the listing. The bytes go through presigned, pinned GETs on our own urllib3 pool: measured on
+the listing. The bytes go through presigned, pinned GETs on our own keep-alive connections: measured on
 SeaweedFS it moves the same bytes with less CPU than boto3's get_object (see bench/objstore.py and
 README "Object stores"). Presigning is local computation, done once per file (~0.6 ms), not per range.
 """

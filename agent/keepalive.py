@@ -1,0 +1,138 @@
+"""Keep-alive GETs on the standard library's http.client: the object stores' byte path.
+
+Why not urllib3 here: its `readinto` reads into a fresh `bytes` and copies that into the caller's
+buffer, and each request walks URL parsing and pool bookkeeping under the GIL. On a pull of 300
+small objects that was a quarter of the Python time; http.client reads straight from the socket
+into our buffer (measured: 0.6 -> 0.4 s of user CPU per GiB, see README "Object stores").
+
+Each worker thread keeps its own connection per origin, so no connection is ever shared and no
+lock is taken per request. A connection goes back to its thread only after its response was read
+to the end; anything else (an error, a consumer that stopped early) closes it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import threading
+import weakref
+from typing import Iterator
+from urllib.parse import urlsplit
+
+from .errors import Retryable
+
+READ_SIZE = 1 << 20  # one recv per MiB keeps Python overhead far below the network's cost
+DRAIN_LIMIT = 1 << 20  # an error body larger than this is not worth reading to keep the connection
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.BadStatusLine)
+
+
+class Response:
+    """One response; `pieces()` streams the body, and the connection is settled when it ends."""
+
+    def __init__(self, pool: "KeepAlivePool", key: tuple, conn: http.client.HTTPConnection,
+                 resp: http.client.HTTPResponse):
+        self._pool, self._key, self._conn, self._resp = pool, key, conn, resp
+        self.status = resp.status
+        self.headers = resp.headers  # case-insensitive .get(), like urllib3's
+
+    def pieces(self, what: str) -> Iterator[memoryview]:
+        """The body in pieces of up to READ_SIZE; socket trouble becomes a Retryable reason.
+
+        The buffer is reused between pieces: consume each one before asking for the next."""
+        buf = bytearray(READ_SIZE)
+        view = memoryview(buf)
+        try:
+            while n := self._resp.readinto(buf):
+                yield view[:n]
+        except TimeoutError as exc:
+            raise Retryable("stall", f"{what}: no byte received for the stall timeout") from exc
+        except http.client.IncompleteRead as exc:
+            raise Retryable("truncated", f"{what}: truncated ({type(exc).__name__})") from exc
+        except (http.client.HTTPException, OSError) as exc:
+            raise Retryable("connection", f"{what}: connection error ({type(exc).__name__})") from exc
+        finally:
+            self.release()
+
+    def drain(self) -> None:
+        """Read a (small) unwanted body so the connection can serve the next request."""
+        try:
+            length = self._resp.length
+            if length is not None and length <= DRAIN_LIMIT:
+                self._resp.read()
+        except (http.client.HTTPException, OSError):
+            pass
+        self.release()
+
+    def release(self) -> None:
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        if self._resp.isclosed() and not self._resp.will_close:
+            self._pool.give_back(self._key, conn)  # read to the end: reusable
+        else:
+            conn.close()
+
+
+class KeepAlivePool:
+    def __init__(self, connect_timeout: float, read_timeout: float):
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._local = threading.local()
+        self._ssl: ssl.SSLContext | None = None
+        self._opened: weakref.WeakSet = weakref.WeakSet()  # to close the idle ones at the end
+        self._lock = threading.Lock()
+
+    def _idle(self) -> dict:
+        idle = getattr(self._local, "idle", None)
+        if idle is None:
+            idle = self._local.idle = {}
+        return idle
+
+    def give_back(self, key: tuple, conn: http.client.HTTPConnection) -> None:
+        self._idle()[key] = conn
+
+    def _connect(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
+        if scheme == "https":
+            with self._lock:
+                if self._ssl is None:
+                    self._ssl = ssl.create_default_context()  # the system's CAs (and SSL_CERT_FILE)
+            conn = http.client.HTTPSConnection(host, port, timeout=self.connect_timeout, context=self._ssl)
+        elif scheme == "http":
+            conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+        else:
+            raise ValueError(f"unsupported URL scheme {scheme!r}")
+        conn.connect()
+        conn.sock.settimeout(self.read_timeout)  # from now on the timeout is the stall watchdog
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self._opened.add(conn)
+        return conn
+
+    def get(self, url: str, headers: dict[str, str], what: str) -> Response:
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.hostname, parts.port)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn = self._idle().pop(key, None)
+        reused = conn is not None
+        while True:
+            try:
+                if conn is None:
+                    conn = self._connect(*key)
+                conn.request("GET", target or "/", headers=headers)
+                return Response(self, key, conn, conn.getresponse())
+            except TimeoutError as exc:
+                conn and conn.close()
+                raise Retryable("stall", f"{what}: no response within the stall timeout") from exc
+            except (http.client.HTTPException, OSError) as exc:
+                conn and conn.close()
+                if reused and isinstance(exc, _STALE):
+                    conn, reused = None, False  # the server closed an idle keep-alive connection: not a failure
+                    continue
+                raise Retryable("connection", f"{what}: connection error ({type(exc).__name__})") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = list(self._opened), weakref.WeakSet()
+        for conn in opened:
+            conn.close()

@@ -1,0 +1,109 @@
+"""The keep-alive GET client of the object stores (agent/keepalive.py) against a raw HTTP/1.1
+server on 127.0.0.1 whose connection handling each test chooses."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+import pytest
+
+from agent.errors import Retryable
+from agent.keepalive import KeepAlivePool
+
+pytestmark = pytest.mark.timeout(30)
+BODY = bytes(range(256)) * 12_288  # 3 MiB: more than one read
+
+
+class RawServer:
+    """Answers every GET with BODY. `mode`: keepalive | close_after_each | stall_body."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.connections = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        f = conn.makefile("rb")
+        try:
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                while f.readline() not in (b"\r\n", b""):
+                    pass
+                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\nETag: \"e\"\r\n\r\n".encode()
+                if self.mode == "stall_body":
+                    conn.sendall(head + BODY[:1000])
+                    threading.Event().wait(5)
+                    return
+                conn.sendall(head + BODY)
+                if self.mode == "close_after_each":
+                    return  # no `Connection: close`: the client only learns it on its next request
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def served(mode: str, read_timeout: float = 5.0):
+    srv, pool = RawServer(mode), KeepAlivePool(5, read_timeout)
+    try:
+        yield srv, pool, f"http://127.0.0.1:{srv.port}"
+    finally:
+        pool.close()
+        srv.close()
+
+
+def fetch(pool: KeepAlivePool, url: str) -> bytes:
+    resp = pool.get(url, {"User-Agent": "test"}, "test")
+    assert resp.status == 200 and resp.headers.get("etag") == '"e"'
+    return b"".join(bytes(p) for p in resp.pieces("test"))
+
+
+def test_a_thread_reuses_its_connection_after_reading_a_body_to_the_end():
+    with served("keepalive") as (srv, pool, base):
+        for _ in range(3):
+            assert fetch(pool, f"{base}/obj?x=1") == BODY
+        assert srv.connections == 1
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_without_an_error():
+    with served("close_after_each") as (srv, pool, base):
+        for _ in range(3):
+            assert fetch(pool, f"{base}/obj") == BODY
+        assert srv.connections == 3
+
+
+def test_a_body_left_half_read_closes_its_connection_instead_of_desyncing_the_next_request():
+    with served("keepalive") as (srv, pool, base):
+        pieces = pool.get(f"{base}/a", {}, "test").pieces("test")
+        assert len(next(pieces)) > 0
+        pieces.close()  # the consumer stopped early (another file failed, a SIGTERM...)
+        assert fetch(pool, f"{base}/b") == BODY  # a fresh connection, a whole body
+        assert srv.connections == 2
+
+
+def test_a_body_that_stops_arriving_is_a_stall():
+    with served("stall_body", read_timeout=0.5) as (srv, pool, base):
+        resp = pool.get(f"{base}/a", {}, "obj")
+        with pytest.raises(Retryable) as err:
+            for _ in resp.pieces("obj"):
+                pass
+        assert err.value.reason == "stall"
