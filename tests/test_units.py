@@ -225,3 +225,12 @@ def test_folders_are_made_before_any_thread_renames_into_them(tmp_path):
         [th.start() for th in threads]
         [th.join() for th in threads]
         assert not missing
+
+
+def test_ranges_of_large_files_are_dealt_out_in_turns():
+    from agent.transfer import interleave
+
+    # Concurrent pwrites into one ext4 file queue on its inode lock (measured: 4 x 600 MiB written
+    # by 8 threads took 0.76-6.4 s file after file, 0.48-0.67 s in turns).
+    assert interleave([["a0", "a1", "a2"], ["b0"], ["c0", "c1"]]) == ["a0", "b0", "c0", "a1", "c1", "a2"]
+    assert interleave([]) == []
