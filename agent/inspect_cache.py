@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from . import checksums
+from .checksums import b64_to_hex
 from .errors import IntegrityError, NotFound, TimedOut
 from .layout import HubCacheLayout
 from .lockfile import is_ready, read_lock
@@ -59,9 +60,17 @@ def _expected(entry: dict, hub_layout: bool) -> dict[str, str]:
     etag = entry.get("etag") or ""
     if hub_layout and COMMIT_SHA.match(etag):
         return {"git_sha1": etag}  # a non-LFS Hub file: its blob id is git's hash of it
-    if entry.get("md5"):
-        return {"md5": entry["md5"]}
-    return {}
+    # Object stores: whatever the pull was checked against (DESIGN.md "On disk": lockfile fields).
+    found = {"md5": entry.get("md5") or entry.get("content_md5") or ""}
+    if entry.get("crc32c") and not entry.get("checksum_crc32c"):
+        found["crc32c"] = b64_to_hex(entry["crc32c"]) or ""  # GCS lists it base64, as its API does
+    for algo in ("crc32c", "crc32", "sha256"):
+        value = str(entry.get(f"checksum_{algo}") or "")
+        if "-" in value and entry.get("part_size"):
+            found[f"{algo}_composite"] = f"{value}:{entry['part_size']}"
+        elif value and "-" not in value:
+            found[algo] = value
+    return {a: v for a, v in found.items() if v}
 
 
 def verify_snapshot(layout, revision: str, model: str) -> tuple[str, int, int]:

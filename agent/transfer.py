@@ -174,6 +174,8 @@ class PartialFile:
         if not self._hash_lock.acquire(blocking=wait):
             return
         try:
+            if self.digests.fed == 0:
+                self._refresh_digests()
             while True:
                 end = self._hashable_end()
                 if end <= self.digests.fed:
@@ -192,11 +194,11 @@ class PartialFile:
         finally:
             self._hash_lock.release()
 
-    def refresh_digests(self) -> None:
-        """Take up checksums learned from a response, as long as no byte has been hashed yet."""
-        with self._hash_lock:
-            if self.digests.fed == 0 and self.digests.expected != checksums.chosen(self.file.checksums):
-                self.digests = checksums.Digests(self.file.size, self.file.checksums)
+    def _refresh_digests(self) -> None:
+        """Take up checksums the source learned after the listing (a response's header, a HEAD);
+        called with the hash lock held, before the first byte is hashed."""
+        if self.digests.expected != checksums.chosen(self.file.checksums):
+            self.digests = checksums.Digests(self.file.size, self.file.checksums)
 
     def hash_inline(self, pos: int, piece) -> bool:
         """Hash a piece just written at `pos` from memory when it is exactly the next byte the
@@ -204,6 +206,8 @@ class PartialFile:
         if not self._hash_lock.acquire(blocking=False):
             return False
         try:
+            if self.digests.fed == 0:
+                self._refresh_digests()
             if self.digests.fed != pos:
                 return False
             if self.digests.hashers:
@@ -404,8 +408,6 @@ class Transfer:
         for piece in reader.read_range(pf.file, pos, end):
             if self.stop.is_set():
                 raise Stopped()
-            if pos == 0:
-                pf.refresh_digests()  # the response may have named a checksum the listing did not
             n = len(piece)
             if pos + n > end:
                 raise Retryable("overrun", f"{pf.file.path}: server sent more than the {end - start} bytes asked for")

@@ -297,3 +297,38 @@ def test_versioned_bucket_records_and_pins_version_ids(moto, tmp_path):
     lock = __import__("json").loads((root / ".model-agent" / f"{commit}.lock.json").read_text())
     latest = {v["Key"][6:]: v["VersionId"] for v in c.list_object_versions(Bucket=bucket)["Versions"] if v["IsLatest"] and v["Size"]}
     assert {f["path"]: f["version_id"] for f in lock["files"]} == latest
+
+
+def test_multipart_objects_are_checked_part_by_part_against_the_composite_checksum(weed, proxy, tmp_path):
+    """A ranged GET carries no checksum: one HEAD learns the COMPOSITE CRC32 and the part size, and
+    the parts are hashed as they land. A corrupted part is then exit 5, not a snapshot."""
+    import base64
+    import zlib
+
+    data = os.urandom(20 * MiB + 5)
+    bucket = make_bucket(weed, {"model.safetensors": data}, multipart=True)  # 8 MiB parts
+    parts = [data[i:i + 8 * MiB] for i in range(0, len(data), 8 * MiB)]
+    composite = zlib.crc32(b"".join(zlib.crc32(p).to_bytes(4, "big") for p in parts))
+    dest = tmp_path / "d"
+    env = env_for(weed.env(AWS_ENDPOINT_URL=proxy.url), **FAST)
+    r = agent("pull", f"s3://{bucket}/llama/", "--local-dir", str(dest), "--chunk-size", "6Mi", env=env)
+    assert r.returncode == 0, r.stderr
+    lock = {f["path"]: f for f in __import__("json").loads((dest / ".model-agent" / "lock.json").read_text())["files"]}
+    assert lock["model.safetensors"]["checksum_crc32"] == f"{composite:08x}-3"
+    assert (dest / "model.safetensors").read_bytes() == data
+    assert base64.b64encode(composite.to_bytes(4, "big")).decode() + "-3" == weed.client().head_object(
+        Bucket=bucket, Key="llama/model.safetensors", ChecksumMode="ENABLED")["ChecksumCRC32"]
+
+    # `verify` re-hashes against what the lockfile recorded: the composite, part by part.
+    uri = f"s3://{bucket}/llama/"
+    assert agent("verify", uri, "--local-dir", str(dest), env=env).returncode == 0
+    with open(dest / "model.safetensors", "r+b") as f:
+        f.seek(17 * MiB)
+        f.write(b"\0" if data[17 * MiB] else b"\1")
+    r = agent("verify", uri, "--local-dir", str(dest), env=env)
+    assert r.returncode == 5 and "crc32_composite" in r.stderr, r.stderr
+
+    proxy.add("corrupt", after=100, count=10_000)
+    r = agent("pull", f"s3://{bucket}/llama/", "--local-dir", str(tmp_path / "e"), "--chunk-size", "6Mi", env=env)
+    assert r.returncode == 5, r.stderr
+    assert "crc32_composite" in r.stderr

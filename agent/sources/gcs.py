@@ -11,9 +11,10 @@ from __future__ import annotations
 import threading
 from urllib.parse import quote
 
+from ..checksums import b64_to_hex
 from ..errors import AgentError, AuthError, InvalidInput, NotFound, Retryable
 from .base import RangeReader, RemoteFile, SourceRef, register
-from .objstore import (ObjectInfo, ObjectStoreSource, PinnedHttpReader, b64_to_hex, changed, content_key,
+from .objstore import (ObjectInfo, ObjectStoreSource, PinnedHttpReader, changed, content_key,
                        parse_bucket_uri, require_sdk)
 
 

@@ -168,18 +168,6 @@ class ObjectStoreSource(Source):
             self.logger.warn(event, message, **fields)
 
 
-def b64_to_hex(value: str | None) -> str | None:
-    import base64
-    import binascii
-
-    if not value:
-        return None
-    try:
-        return base64.b64decode(value, validate=True).hex()
-    except (binascii.Error, ValueError):
-        return None
-
-
 class PinnedHttpReader(RangeReader):
     """Ranged GETs over keep-alive connections (the fastest reader measured, see bench/objstore.py).
 
@@ -208,6 +196,9 @@ class PinnedHttpReader(RangeReader):
     def learn_checksums(self, file: RemoteFile, headers) -> None:
         """Record checksums a whole-object response offers beyond the listing (S3's x-amz-checksum-*)."""
 
+    def before_ranged_read(self, file: RemoteFile) -> None:
+        """Called before every ranged GET of `file` (S3 learns the object's checksum here, once)."""
+
     def what(self, file: RemoteFile) -> str:
         return f"{self.source.ref.display()} {file.path}"
 
@@ -217,6 +208,7 @@ class PinnedHttpReader(RangeReader):
         headers = {"Accept-Encoding": "identity", "User-Agent": "model-agent"}
         if not whole:
             headers["Range"] = f"bytes={start}-{end - 1}"
+            self.before_ranged_read(file)
         url, headers = self.request_for(file, headers)
         resp = self.pool.get(url, headers, what)
         status = resp.status

@@ -13,15 +13,16 @@ import threading
 import time
 
 from .. import httpio
+from ..checksums import b64_to_hex
 from ..errors import AgentError, AuthError, InvalidInput, NotFound, Retryable
 from .base import RangeReader, RemoteFile, SourceRef, register
-from .objstore import (ObjectInfo, ObjectStoreSource, PinnedHttpReader, b64_to_hex, changed, content_key, parse_bucket_uri,
+from .objstore import (ObjectInfo, ObjectStoreSource, PinnedHttpReader, changed, content_key, parse_bucket_uri,
                        require_sdk)
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 PRESIGN_SECONDS = 3600
 # S3's additional checksums that this agent can recompute (crc64nvme would need awscrt).
-_FULL_OBJECT_CHECKSUMS = (("x-amz-checksum-crc32c", "crc32c"), ("x-amz-checksum-crc32", "crc32"),
+_CHECKSUM_HEADERS = (("x-amz-checksum-crc32c", "crc32c"), ("x-amz-checksum-crc32", "crc32"),
                           ("x-amz-checksum-sha256", "sha256"))
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "InvalidToken",
                "ExpiredToken", "AccountProblem", "InvalidSecurity", "UnauthorizedAccess"}
@@ -125,7 +126,7 @@ class S3Source(ObjectStoreSource):
             version_id = e.get("VersionId")
             version_id = None if version_id in (None, "null") else version_id
             checksums = {"md5": etag} if md5_etags and _MD5_ETAG.match(etag) else {}
-            record = {"etag": etag, **({"version_id": version_id} if version_id else {})}
+            record = {"etag": etag, **({"version_id": version_id} if version_id else {}), **checksums}
             yield ObjectInfo(
                 key=e["Key"], size=int(e["Size"]), etag=content_key(etag),  # = the lockfile's etag: trusted on re-pulls
                 content_version=f"{etag}:{version_id}" if version_id else etag, checksums=checksums, record=record,
@@ -166,6 +167,8 @@ class S3Reader(PinnedHttpReader):
         super().__init__(source)
         self.s3 = source
         self._urls: dict[str, tuple[float, float, str]] = {}  # path -> (signed at, renew after, url)
+        self._heads: dict[str, threading.Lock] = {}
+        self._headed: set[str] = set()
         self._lock = threading.Lock()
 
     def request_for(self, file: RemoteFile, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -178,14 +181,59 @@ class S3Reader(PinnedHttpReader):
         return self.url(file), headers
 
     def learn_checksums(self, file: RemoteFile, headers) -> None:
-        if (headers.get("x-amz-checksum-type") or "FULL_OBJECT").upper() != "FULL_OBJECT":
-            return  # a COMPOSITE checksum covers the parts' checksums, not the bytes as one stream
-        for header, algo in _FULL_OBJECT_CHECKSUMS:
-            value = headers.get(header) or ""
-            hexed = None if "-" in value else b64_to_hex(value)  # "-N": composite, whatever the type says
-            if hexed:
+        """Take S3's additional checksum from a whole GET or a HEAD: FULL_OBJECT as is, COMPOSITE
+        (multipart: "BASE64-PARTS") with the part size, so the parts can be hashed one by one."""
+        composite = (headers.get("x-amz-checksum-type") or "").upper() == "COMPOSITE"
+        for header, algo in _CHECKSUM_HEADERS:
+            digest, _, parts = (headers.get(header) or "").partition("-")
+            hexed = b64_to_hex(digest)
+            if not hexed:
+                continue
+            if not (composite or parts):
                 file.checksums[algo] = hexed
                 file.version[f"checksum_{algo}"] = hexed  # into the lockfile: what the bytes were checked against
+                continue
+            part_size = self._part_size(file, parts)
+            if part_size:
+                file.checksums[f"{algo}_composite"] = f"{hexed}-{parts}:{part_size}"
+                file.version.update({f"checksum_{algo}": f"{hexed}-{parts}", "part_size": part_size})
+
+    def _part_size(self, file: RemoteFile, parts: str) -> int | None:
+        """The size of every part but the last: what S3 reports for part 1. Every uploader we know
+        (AWS CLI, boto3, s5cmd, rclone, mc) cuts equal parts; a part count that does not fit that
+        size is not checked by parts (the size still is)."""
+        if not parts.isdigit() or int(parts) < 1:
+            return None
+        count = int(parts)
+        if count == 1:
+            return max(file.size, 1)
+        try:
+            head = self.s3.client().head_object(**self._params(file), PartNumber=1)
+            part_size = int(head["ContentLength"])
+        except Exception:  # noqa: BLE001 - no part size: verified by size only, never by a guess
+            return None
+        return part_size if part_size > 0 and -(-file.size // part_size) == count else None
+
+    def before_ranged_read(self, file: RemoteFile) -> None:
+        """A ranged GET carries no checksum: one HEAD per file learns it, before any range of the file
+        is read (the other ranges wait), so the digests are set before their first byte."""
+        with self._lock:
+            once = self._heads.setdefault(file.path, threading.Lock())
+        with once:
+            if file.path in self._headed:
+                return
+            try:
+                head = self.s3.client().head_object(**self._params(file), ChecksumMode="ENABLED")
+                self.learn_checksums(file, head.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
+            except Exception:  # noqa: BLE001 - the GET that follows reports what is really wrong
+                pass
+            self._headed.add(file.path)
+
+    def _params(self, file: RemoteFile) -> dict:
+        params = {"Bucket": self.s3.ref.bucket, "Key": self.s3.ref.prefix + file.path}
+        if file.version.get("version_id"):
+            params["VersionId"] = file.version["version_id"]
+        return params
 
     def url(self, file: RemoteFile) -> str:
         now = time.monotonic()
@@ -193,9 +241,7 @@ class S3Reader(PinnedHttpReader):
             cached = self._urls.get(file.path)
             if cached and cached[1] > now:
                 return cached[2]
-        params = {"Bucket": self.s3.ref.bucket, "Key": self.s3.ref.prefix + file.path, "ChecksumMode": "ENABLED"}
-        if file.version.get("version_id"):
-            params["VersionId"] = file.version["version_id"]
+        params = {**self._params(file), "ChecksumMode": "ENABLED"}
         try:
             url = self.s3.client().generate_presigned_url("get_object", Params=params, ExpiresIn=PRESIGN_SECONDS)
         except Exception as exc:  # noqa: BLE001
