@@ -53,6 +53,28 @@ def snapshot_path(layout, commit: str) -> Path:
     return layout.snapshot_dir(commit) if isinstance(layout, HubCacheLayout) else layout.root
 
 
+PARTIAL_TTL = 24 * 3600.0  # a Hub partial of another revision, untouched this long, is garbage
+
+
+def sweep_partials(partial_dir: Path, done_etags: set[str], *, keep_others_for: float) -> int:
+    """After a successful pull (under the lease, so no live writer owns them): remove the partials of
+    content now complete, and the partials of other content untouched for `keep_others_for` seconds.
+    A changed bucket object's partial can never be resumed (its key is the old version), so for
+    object stores that is 0: they go at once. Returns how many files were removed."""
+    if not partial_dir.is_dir():
+        return 0
+    removed, now = 0, time.time()
+    for p in partial_dir.glob("*.ma-*.incomplete*"):
+        try:
+            stale = p.name.split(".", 1)[0] in done_etags or now - p.stat().st_mtime >= keep_others_for
+            if stale:
+                p.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
 class Pull:
     def __init__(self, ref: SourceRef, settings: Settings, logger: Logger, *, revision: str | None = None,
                  listeners: list | None = None, tty: bool = False):
@@ -178,7 +200,7 @@ class Pull:
 
         self.progress.set_phase("commit")
         self._commit(commit, files, engine)
-        self._sweep_partials(partial_dir, {f.etag for f in files})
+        sweep_partials(partial_dir, {f.etag for f in files}, keep_others_for=PARTIAL_TTL if self.source.has_revisions else 0)
         self.progress.set_phase("done")
         return self._result(commit, engine=engine, files=files)
 
@@ -222,15 +244,6 @@ class Pull:
             tmp.replace(dst)
         finally:
             tmp.unlink(missing_ok=True)
-
-    @staticmethod
-    def _sweep_partials(partial_dir: Path, done_etags: set[str]) -> None:
-        """Partials of content that is now complete are garbage (left by dead writers)."""
-        if not partial_dir.is_dir():
-            return
-        for p in partial_dir.glob("*.ma-*.incomplete*"):
-            if p.name.split(".", 1)[0] in done_etags:
-                p.unlink(missing_ok=True)
 
     def _result(self, commit: str, *, already_ready: bool = False, engine: str = "none",
                 files: list[RemoteFile] | None = None) -> PullResult:

@@ -132,3 +132,52 @@ def test_crc32c_is_what_gcs_reports(gcs):
     h = checksums._hasher("crc32c", len(data))
     h.update(data)
     assert h.hexdigest() == base64.b64decode(blob.crc32c).hex()
+
+
+def test_credentials_google_refuses_are_exit_3_and_never_printed(tmp_path):
+    """A service-account key that Google's token endpoint rejects (revoked, wrong project): the
+    credential chain (google-auth) fails before any storage request, and that is exit 3. The token
+    endpoint here is a local server answering as oauth2.googleapis.com does for a revoked key."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    asked = []
+
+    class TokenEndpoint(BaseHTTPRequestHandler):
+        def do_POST(self):
+            asked.append(self.rfile.read(int(self.headers["Content-Length"])))
+            body = json.dumps({"error": "invalid_grant", "error_description": "Invalid JWT Signature."}).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    sa = tmp_path / "sa.json"
+    sa.write_text(json.dumps({
+        "type": "service_account", "project_id": "test", "private_key_id": "0123456789abcdef",
+        "private_key": key, "client_email": "puller@test.iam.gserviceaccount.com", "client_id": "1",
+        "token_uri": f"http://127.0.0.1:{server.server_port}/token",
+    }))
+    try:
+        env = env_for({"GOOGLE_APPLICATION_CREDENTIALS": str(sa), "GOOGLE_CLOUD_PROJECT": "test"}, **FAST)
+        env.pop("STORAGE_EMULATOR_HOST", None)  # the real client path, with real credentials
+        r = agent("pull", "gs://private-models/llama/", "--local-dir", str(tmp_path / "d"), env=env)
+    finally:
+        server.shutdown()
+    assert asked, "google-auth never asked the token endpoint"
+    assert r.returncode == 3, r.stderr
+    assert "access refused" in r.stderr
+    body = key.split("\n")[1]
+    assert body not in r.stderr and body not in r.stdout and "BEGIN PRIVATE KEY" not in r.stderr

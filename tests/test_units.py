@@ -234,3 +234,26 @@ def test_ranges_of_large_files_are_dealt_out_in_turns():
     # by 8 threads took 0.76-6.4 s file after file, 0.48-0.67 s in turns).
     assert interleave([["a0", "a1", "a2"], ["b0"], ["c0", "c1"]]) == ["a0", "b0", "c0", "a1", "c1", "a2"]
     assert interleave([]) == []
+
+
+def test_partials_of_other_content_are_swept_by_age_or_at_once_for_object_stores(tmp_path):
+    import time as _time
+
+    from agent.pipeline import PARTIAL_TTL, sweep_partials
+
+    def make(name: str, age: float) -> Path:
+        p = tmp_path / name
+        p.write_bytes(b"x")
+        os.utime(p, (_time.time() - age, _time.time() - age))
+        return p
+
+    done = make("aaa.ma-1-x.incomplete", 0)
+    old = make("bbb.ma-2-y.incomplete", PARTIAL_TTL + 60)
+    old_record = make("bbb.ma-2-y.incomplete.json", PARTIAL_TTL + 60)
+    fresh = make("ccc.ma-3-z.incomplete", 60)  # another Hub revision's, maybe pulled again soon
+    blob = make("ddd", PARTIAL_TTL * 2)  # not a partial: never touched
+    assert sweep_partials(tmp_path, {"aaa"}, keep_others_for=PARTIAL_TTL) == 3
+    assert not done.exists() and not old.exists() and not old_record.exists()
+    assert fresh.exists() and blob.exists()
+    assert sweep_partials(tmp_path, set(), keep_others_for=0) == 1  # a bucket's old state never returns
+    assert not fresh.exists() and blob.exists()

@@ -86,6 +86,9 @@ class RangeReader(ABC):
 
 class Source(ABC):
     schemes: ClassVar[tuple[str, ...]] = ()
+    # True when an older state can be asked for again (a Hub revision): its partial downloads are
+    # worth keeping a while. A bucket's or a folder's old state never comes back by name.
+    has_revisions: ClassVar[bool] = True
 
     def __init__(self, ref: SourceRef, settings: "Settings"):
         self.ref = ref

@@ -87,6 +87,7 @@ class ObjectStoreSource(Source):
     """resolve = list + content id; list_files = that same listing; readers pinned per object."""
 
     logger = None  # set by the pipeline when it has one
+    has_revisions = False
 
     def __init__(self, ref: SourceRef, settings):
         super().__init__(ref, settings)
