@@ -22,7 +22,10 @@ from urllib.parse import urlsplit
 
 from .errors import Retryable
 
-READ_SIZE = 1 << 20  # one recv per MiB keeps Python overhead far below the network's cost
+# 256 KiB per recv: few enough calls that Python's cost stays small, and a buffer that stays in the
+# CPU cache between the recv that fills it and the pwrite that empties it. Measured on a 2.6 GiB
+# pull here: 1 MiB buffers 7.8-17 s with 4.2-6.8 s of kernel time, 256 KiB 5.9-6.6 s with 2.0-2.5 s.
+READ_SIZE = 256 * 1024
 DRAIN_LIMIT = 1 << 20  # an error body larger than this is not worth reading to keep the connection
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.BadStatusLine)
 

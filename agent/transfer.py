@@ -66,7 +66,7 @@ def _hash_buffer() -> bytearray:
     (fresh multi-MiB reads per block let glibc's heap grow with the amount hashed)."""
     buf = getattr(_local, "buf", None)
     if buf is None:
-        buf = _local.buf = bytearray(2**20)
+        buf = _local.buf = bytearray(256 * 1024)  # cache-sized, like keepalive.READ_SIZE
     return buf
 
 
