@@ -19,10 +19,9 @@ RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY agent ./agent
-# Source extras go in EXTRAS once they exist (issue: S3/GCS/Azure backends), e.g.
-#   docker build --build-arg EXTRAS='[s3,gcs,azure]' .
-# or change the default here; the install line does not change.
-ARG EXTRAS=""
+# The image carries every source's SDK (s3, gcs, azure): one image serves every Job. A slimmer one
+# for a single store: docker build --build-arg EXTRAS='[s3]' .
+ARG EXTRAS="[all]"
 # Byte-compile in the builder: the runtime's root filesystem is read-only, so Python could never
 # write __pycache__ there, and every start would re-compile in memory.
 RUN /opt/venv/bin/pip install --no-cache-dir ".${EXTRAS}" \

@@ -304,6 +304,18 @@ def test_image_runs_as_fixed_non_root_user():
     assert re.search(r'^ENTRYPOINT \["model-agent"\]', runtime, re.M)
 
 
+def test_image_installs_every_source_sdk_by_default():
+    """One image for s3://, gs:// and az:// Jobs: the default build installs the `all` extra."""
+    import re
+    import tomllib
+
+    builder = (ROOT / "Dockerfile").read_text()
+    default = re.search(r'^ARG EXTRAS="(.*)"$', builder, re.M).group(1)
+    assert default == "[all]" and '".${EXTRAS}"' in builder
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["all"] == ["model-agent[s3,gcs,azure]"]
+
+
 def test_token_comes_from_a_mounted_secret_file(rendered):
     for name, docs in overlays(rendered).items():
         for doc in workloads(docs):
