@@ -336,3 +336,18 @@ def test_multipart_objects_are_checked_part_by_part_against_the_composite_checks
     r = agent("pull", f"s3://{bucket}/llama/", "--local-dir", str(tmp_path / "e"), "--chunk-size", "6Mi", env=env)
     assert r.returncode == 5, r.stderr
     assert "crc32_composite" in r.stderr
+
+
+WEIRD_KEYS = ["plain.bin", "a b+c=d&e.bin", "ünï/çødé.bin", "x~y!(z)*'.bin", "pct%41.bin", "semi;colon@at,comma$.bin"]
+
+
+def test_a_pull_of_keys_that_need_escaping(weed, tmp_path):
+    bucket = f"esc-{os.getpid()}-{next(_names)}"
+    weed.client().create_bucket(Bucket=bucket)
+    files = {key: os.urandom(1000 + i) for i, key in enumerate(WEIRD_KEYS)}
+    for key, data in files.items():
+        weed.client().put_object(Bucket=bucket, Key="m/" + key, Body=data)
+    dest = tmp_path / "d"
+    r = agent("pull", f"s3://{bucket}/m/", "--local-dir", str(dest), env=env_for(weed.env()))
+    assert r.returncode == 0, r.stderr
+    assert {k: (dest / k).read_bytes() for k in files} == files
