@@ -257,3 +257,17 @@ def test_partials_of_other_content_are_swept_by_age_or_at_once_for_object_stores
     assert fresh.exists() and blob.exists()
     assert sweep_partials(tmp_path, set(), keep_others_for=0) == 1  # a bucket's old state never returns
     assert not fresh.exists() and blob.exists()
+
+
+def test_lockfile_json_carries_every_field_and_the_file_records():
+    from dataclasses import fields
+
+    from agent.lockfile import SCHEMA, Lock, LockedFile
+
+    lock = Lock(source="s3://b/p/", revision="main", commit="a" * 40, engine="http", include=("*.json",),
+                files=(LockedFile("x.bin", 3, None, "e", {"checksum_crc32": "0a0b0c0d", "part_size": 8}),))
+    out = lock.to_json()
+    assert set(out) == {"schema"} | {f.name for f in fields(Lock)} and out["schema"] == SCHEMA
+    assert out["files"] == [{"path": "x.bin", "size": 3, "etag": "e", "checksum_crc32": "0a0b0c0d", "part_size": 8}]
+    assert out["include"] == ["*.json"] and out["exclude"] == []
+    assert __import__("json").loads(__import__("json").dumps(out)) == out
