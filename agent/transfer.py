@@ -222,6 +222,13 @@ class PartialFile:
         with self.lock:
             self._flush_locked(time.monotonic())
 
+    def flush_quietly(self) -> None:
+        """After a failure: keep the resume record exact for the next run, if the disk lets us."""
+        try:
+            self.flush()
+        except OSError:
+            pass
+
     def _flush_locked(self, now: float) -> None:
         # Written after the bytes it describes, so after a kill it is never ahead of the data.
         # No fsync: a process kill keeps the page cache, and a power cut is caught by verification.
@@ -358,10 +365,7 @@ class Transfer:
             self._fetch(reader, pf, 0)
             self._finish(reader, pf)
         except BaseException:
-            try:
-                pf.flush()  # keep the resume record exact for the next run
-            except OSError:
-                pass
+            pf.flush_quietly()
             raise
 
     def _guarded(self, pf: PartialFile | None, work: Callable[[], None]) -> None:
@@ -373,10 +377,7 @@ class Transfer:
         except BaseException as exc:
             self._fail(exc)
             if pf is not None:
-                try:
-                    pf.flush()  # keep the resume record exact for the next run
-                except OSError:
-                    pass
+                pf.flush_quietly()
             raise
 
     def _ensure_dir(self, folder: Path) -> None:
