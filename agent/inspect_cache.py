@@ -60,7 +60,7 @@ def _expected(entry: dict, hub_layout: bool) -> dict[str, str]:
     etag = entry.get("etag") or ""
     if hub_layout and COMMIT_SHA.match(etag):
         return {"git_sha1": etag}  # a non-LFS Hub file: its blob id is git's hash of it
-    # Object stores: whatever the pull was checked against (DESIGN.md "On disk": lockfile fields).
+    # Object stores: whatever the pull was checked against (README "On disk": the lockfile fields).
     found = {"md5": entry.get("md5") or entry.get("content_md5") or ""}
     if entry.get("crc32c") and not entry.get("checksum_crc32c"):
         found["crc32c"] = b64_to_hex(entry["crc32c"]) or ""  # GCS lists it base64, as its API does
