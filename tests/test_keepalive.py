@@ -19,8 +19,8 @@ BODY = bytes(range(256)) * 12_288  # 3 MiB: more than one read
 class RawServer:
     """Answers every GET with BODY. `mode`: keepalive | close_after_each | stall_body."""
 
-    def __init__(self, mode: str):
-        self.mode = mode
+    def __init__(self, mode: str, tls=None):
+        self.mode, self.tls = mode, tls  # tls: an ssl.SSLContext to serve HTTPS with
         self.connections = 0
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -36,8 +36,10 @@ class RawServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        f = conn.makefile("rb")
         try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            f = conn.makefile("rb")
             while True:
                 line = f.readline()
                 if not line:
@@ -107,3 +109,54 @@ def test_a_body_that_stops_arriving_is_a_stall():
             for _ in resp.pieces("obj"):
                 pass
         assert err.value.reason == "stall"
+
+
+def _self_signed(tmp_path):
+    """A certificate for 127.0.0.1 (its own CA): what a private S3 endpoint or a TLS proxy presents."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert_pem, key_pem
+
+
+def test_https_verifies_the_server_and_reuses_the_connection(tmp_path, monkeypatch):
+    """Real stores are HTTPS: the certificate is checked against the system's CAs (SSL_CERT_FILE
+    here, as a private CA bundle would be mounted), and a TLS connection is kept alive too."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    srv = RawServer("keepalive", tls)
+    url = f"https://127.0.0.1:{srv.port}/obj"
+    try:
+        untrusted = KeepAlivePool(5, 5)
+        with pytest.raises(Retryable) as err:
+            untrusted.get(url, {}, "obj")
+        assert err.value.reason == "connection"  # an unknown CA is refused, never read from
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        pool = KeepAlivePool(5, 5)
+        for _ in range(2):
+            assert fetch(pool, url) == BODY
+        assert srv.connections == 2  # one refused handshake, then one connection for both GETs
+        pool.close()
+    finally:
+        srv.close()
