@@ -16,11 +16,10 @@ pytestmark = pytest.mark.timeout(30)
 BODY = bytes(range(256)) * 12_288  # 3 MiB: more than one read
 
 
-class RawServer:
-    """Answers every GET with BODY. `mode`: keepalive | close_after_each | stall_body."""
+class Listener:
+    """A TCP server on 127.0.0.1: each accepted connection is handed to `_serve` in its own thread."""
 
-    def __init__(self, mode: str, tls=None):
-        self.mode, self.tls = mode, tls  # tls: an ssl.SSLContext to serve HTTPS with
+    def __init__(self):
         self.connections = 0
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -34,6 +33,20 @@ class RawServer:
                 return
             self.connections += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RawServer(Listener):
+    """Answers every GET with BODY. `mode`: keepalive | close_after_each | stall_body."""
+
+    def __init__(self, mode: str, tls=None):
+        self.mode, self.tls = mode, tls  # tls: an ssl.SSLContext to serve HTTPS with
+        super().__init__()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -58,9 +71,6 @@ class RawServer:
             return
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @contextlib.contextmanager
@@ -159,4 +169,71 @@ def test_https_verifies_the_server_and_reuses_the_connection(tmp_path, monkeypat
         assert srv.connections == 2  # one refused handshake, then one connection for both GETs
         pool.close()
     finally:
+        srv.close()
+
+
+class ConnectProxy(Listener):
+    """An HTTP CONNECT proxy, as in clusters whose egress goes through one; records each tunnel."""
+
+    def __init__(self):
+        self.tunnels: list[tuple[str, str]] = []  # (target, Proxy-Authorization)
+        super().__init__()
+
+    def _serve(self, client: socket.socket) -> None:
+        self._tunnel(client)
+
+    def _tunnel(self, client: socket.socket) -> None:
+        f = client.makefile("rb")
+        method, target, _ = f.readline().decode().split(" ", 2)
+        auth = ""
+        while (line := f.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "proxy-authorization":
+                auth = value.strip()
+        self.tunnels.append((target, auth))
+        host, _, port = target.rpartition(":")
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                b.close()
+
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+
+
+def test_https_proxy_tunnels_to_the_store_and_no_proxy_bypasses_it(tmp_path, monkeypatch):
+    import base64
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    srv, proxy = RawServer("keepalive", tls), ConnectProxy()
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://agent:s%40cret@127.0.0.1:{proxy.port}")
+    url = f"https://127.0.0.1:{srv.port}/obj"
+    try:
+        pool = KeepAlivePool(5, 5)
+        assert fetch(pool, url) == BODY and fetch(pool, url) == BODY
+        # One tunnel for both GETs; TLS (and the certificate check) end to end with the store.
+        want = "Basic " + base64.b64encode(b"agent:s@cret").decode()
+        assert proxy.tunnels == [(f"127.0.0.1:{srv.port}", want)]
+        pool.close()
+
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        direct = KeepAlivePool(5, 5)
+        assert fetch(direct, url) == BODY
+        assert len(proxy.tunnels) == 1  # bypassed
+        direct.close()
+    finally:
+        proxy.close()
         srv.close()
