@@ -8,6 +8,7 @@ whose `Content-Range` does not start where we asked is an error, never silently 
 from __future__ import annotations
 
 import re
+import threading
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -16,6 +17,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from .errors import AuthError, IntegrityError, NotFound, Retryable, TransientError
+from .proxies import proxy_auth, proxy_for, proxy_origin
 
 READ_SIZE = 1 << 20  # one recv per MiB keeps Python overhead far below the network's cost
 
@@ -27,15 +29,33 @@ class UrlExpired(Retryable):
         super().__init__("url_expired", message)
 
 
-def make_pool(workers: int, stall_timeout: float) -> urllib3.PoolManager:
-    # The read timeout is the stall watchdog: no byte for `stall_timeout` raises ReadTimeoutError.
-    return urllib3.PoolManager(
-        num_pools=16,
-        maxsize=max(workers, 4),
-        block=False,
-        retries=False,
-        timeout=urllib3.Timeout(connect=min(30.0, stall_timeout), read=stall_timeout),
-    )
+class Pools:
+    """One urllib3 pool manager per route: direct, or through the proxy the environment names for a
+    URL's host (HTTPS_PROXY / HTTP_PROXY / NO_PROXY; an https target is tunnelled with CONNECT)."""
+
+    def __init__(self, workers: int, stall_timeout: float):
+        # The read timeout is the stall watchdog: no byte for `stall_timeout` raises ReadTimeoutError.
+        self._options = dict(num_pools=16, maxsize=max(workers, 4), block=False, retries=False,
+                             timeout=urllib3.Timeout(connect=min(30.0, stall_timeout), read=stall_timeout))
+        self.direct = urllib3.PoolManager(**self._options)
+        self._proxied: dict[str, urllib3.ProxyManager] = {}
+        self._lock = threading.Lock()
+
+    def for_url(self, url: str) -> urllib3.PoolManager:
+        parts = urlsplit(url)
+        proxy = proxy_for(parts.scheme, parts.hostname or "")
+        if proxy is None:
+            return self.direct
+        with self._lock:
+            key = proxy.geturl()
+            if key not in self._proxied:
+                self._proxied[key] = urllib3.ProxyManager(proxy_origin(proxy), proxy_headers=proxy_auth(proxy), **self._options)
+            return self._proxied[key]
+
+    def clear(self) -> None:
+        self.direct.clear()
+        for manager in self._proxied.values():
+            manager.clear()
 
 
 def origin(url: str) -> tuple[str, str]:
@@ -111,9 +131,10 @@ def skip_to(pieces: Iterator[memoryview], start: int, end: int) -> Iterator[memo
             return
 
 
-def request(pool: urllib3.PoolManager, method: str, url: str, headers: dict, what: str) -> urllib3.BaseHTTPResponse:
+def request(pools: Pools, method: str, url: str, headers: dict, what: str) -> urllib3.BaseHTTPResponse:
     try:
-        return pool.request(method, url, headers=headers, preload_content=False, redirect=False, decode_content=False)
+        return pools.for_url(url).request(method, url, headers=headers, preload_content=False, redirect=False,
+                                          decode_content=False)
     except ReadTimeoutError as exc:
         raise Retryable("stall", f"{what}: no response within the stall timeout") from exc
     except (Urllib3Error, OSError) as exc:

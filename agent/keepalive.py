@@ -13,17 +13,16 @@ to the end; anything else (an error, a consumer that stopped early) closes it.
 
 from __future__ import annotations
 
-import base64
 import http.client
 import socket
 import ssl
 import threading
-import urllib.request
 import weakref
 from typing import Iterator
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from .errors import Retryable
+from .proxies import proxy_address, proxy_auth, proxy_for
 
 # 256 KiB per recv: few enough calls that Python's cost stays small, and a buffer that stays in the
 # CPU cache between the recv that fills it and the pwrite that empties it. Measured on a 2.6 GiB
@@ -31,22 +30,6 @@ from .errors import Retryable
 READ_SIZE = 256 * 1024
 DRAIN_LIMIT = 1 << 20  # an error body larger than this is not worth reading to keep the connection
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.BadStatusLine)
-
-
-def proxy_for(scheme: str, host: str):
-    """The proxy (HTTPS_PROXY / HTTP_PROXY, minus NO_PROXY) for this store, as SplitResult, or None."""
-    proxies = urllib.request.getproxies_environment()
-    url = proxies.get(scheme)
-    if not url or urllib.request.proxy_bypass_environment(host, proxies):
-        return None
-    return urlsplit(url if "://" in url else f"http://{url}")
-
-
-def proxy_auth(proxy) -> dict[str, str]:
-    if not proxy.username:
-        return {}
-    pair = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}".encode()
-    return {"Proxy-Authorization": "Basic " + base64.b64encode(pair).decode()}
 
 
 class Response:
@@ -118,7 +101,7 @@ class KeepAlivePool:
         proxy = proxy_for(scheme, host)
         # Through a proxy, the TCP connection goes to the proxy and a CONNECT tunnel to the store; TLS
         # (and its certificate check) is then end to end with the store, as with the SDKs.
-        target = (proxy.hostname, proxy.port or 8080) if proxy else (host, port)
+        target = proxy_address(proxy) if proxy else (host, port)
         if scheme == "https":
             with self._lock:
                 if self._ssl is None:

@@ -1,5 +1,6 @@
-"""The keep-alive GET client of the object stores (agent/keepalive.py) against a raw HTTP/1.1
-server on 127.0.0.1 whose connection handling each test chooses."""
+"""The byte paths' HTTP clients against a raw HTTP/1.1 server on 127.0.0.1 whose connection
+handling each test chooses: the object stores' keep-alive client (agent/keepalive.py), and for
+proxies also the Hub engine's urllib3 pools (agent/httpio.py)."""
 
 from __future__ import annotations
 
@@ -208,8 +209,9 @@ class ConnectProxy(Listener):
         pipe(client, upstream)
 
 
-def test_https_proxy_tunnels_to_the_store_and_no_proxy_bypasses_it(tmp_path, monkeypatch):
-    import base64
+@contextlib.contextmanager
+def tls_server_behind_proxy(tmp_path, monkeypatch, proxy_url: str = "http://127.0.0.1:{port}"):
+    """A TLS RawServer trusted through SSL_CERT_FILE, a ConnectProxy, and HTTPS_PROXY naming it."""
     import ssl
 
     cert, key = _self_signed(tmp_path)
@@ -219,11 +221,20 @@ def test_https_proxy_tunnels_to_the_store_and_no_proxy_bypasses_it(tmp_path, mon
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", f"http://agent:s%40cret@127.0.0.1:{proxy.port}")
-    url = f"https://127.0.0.1:{srv.port}/obj"
+    monkeypatch.setenv("HTTPS_PROXY", proxy_url.format(port=proxy.port))
     try:
+        yield srv, proxy, f"https://127.0.0.1:{srv.port}"
+    finally:
+        proxy.close()
+        srv.close()
+
+
+def test_https_proxy_tunnels_to_the_store_and_no_proxy_bypasses_it(tmp_path, monkeypatch):
+    import base64
+
+    with tls_server_behind_proxy(tmp_path, monkeypatch, "http://agent:s%40cret@127.0.0.1:{port}") as (srv, proxy, base):
         pool = KeepAlivePool(5, 5)
-        assert fetch(pool, url) == BODY and fetch(pool, url) == BODY
+        assert fetch(pool, f"{base}/obj") == BODY and fetch(pool, f"{base}/obj") == BODY
         # One tunnel for both GETs; TLS (and the certificate check) end to end with the store.
         want = "Basic " + base64.b64encode(b"agent:s@cret").decode()
         assert proxy.tunnels == [(f"127.0.0.1:{srv.port}", want)]
@@ -231,9 +242,21 @@ def test_https_proxy_tunnels_to_the_store_and_no_proxy_bypasses_it(tmp_path, mon
 
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         direct = KeepAlivePool(5, 5)
-        assert fetch(direct, url) == BODY
+        assert fetch(direct, f"{base}/obj") == BODY
         assert len(proxy.tunnels) == 1  # bypassed
         direct.close()
-    finally:
-        proxy.close()
-        srv.close()
+
+
+def test_the_hub_byte_path_takes_the_same_proxy(tmp_path, monkeypatch):
+    """httpio.Pools (the Hub engine's GETs) routes by the same rules: tunnelled through
+    HTTPS_PROXY, direct for a NO_PROXY host."""
+    from agent import httpio
+
+    with tls_server_behind_proxy(tmp_path, monkeypatch) as (srv, proxy, base):
+        pools = httpio.Pools(4, 5)
+        resp = httpio.request(pools, "GET", f"{base}/blob", {}, "blob")
+        assert resp.status == 200 and b"".join(bytes(p) for p in httpio.stream_body(resp, "blob")) == BODY
+        assert [t for t, _ in proxy.tunnels] == [f"127.0.0.1:{srv.port}"]
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert pools.for_url(f"{base}/blob") is pools.direct
+        pools.clear()

@@ -25,7 +25,7 @@ class HubHttpReader(RangeReader):
         self.source = source
         self.commit = commit
         self.settings = source.settings
-        self.pool = httpio.make_pool(self.settings.workers, self.settings.stall_timeout)
+        self.pool = httpio.Pools(self.settings.workers, self.settings.stall_timeout)
         self._hub_origin = httpio.origin(self.settings.hf_endpoint)
         self._locations: dict[str, str] = {}
         self._validators: dict[str, str] = {}
