@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from ..errors import AgentError, AuthError, InvalidInput, NotFound, Retryable
 from .base import RangeReader, RemoteFile, SourceRef, register
-from .objstore import ObjectInfo, ObjectStoreSource, PinnedHttpReader, changed, content_key, parse_bucket_uri, require_sdk
+from .objstore import ObjectInfo, ObjectStoreSource, PinnedHttpReader, content_key, parse_bucket_uri, require_sdk
 
 SAS_SECONDS = 3600  # the per-blob read SAS signed with an account key
 _ACCOUNT_HOST = re.compile(r"^([a-z0-9]{3,24})\.blob\.core\.windows\.net$")
@@ -156,8 +156,3 @@ class AzureReader(PinnedHttpReader):
         with self._lock:
             self._urls[blob.blob_name] = (now + SAS_SECONDS / 4, url)
         return url
-
-    def check_version(self, file: RemoteFile, headers, what: str) -> None:
-        got = (headers.get("ETag") or "").strip('"')
-        if got and got != file.version.get("etag"):
-            raise changed(self.source, file, f"ETag is now {got}")

@@ -188,7 +188,11 @@ class PinnedHttpReader(RangeReader):
         """(url, headers) of a GET pinned to the listed version of `file`."""
 
     def check_version(self, file: RemoteFile, headers, what: str) -> None:
-        """Refuse a response whose validator says it is another version than the listed one."""
+        """Refuse a response whose validator says it is another version than the listed one: its ETag
+        (S3, Azure); a store that pins by something else (GCS: the generation) overrides this."""
+        got = (headers.get("ETag") or "").strip('"')
+        if got and file.version.get("etag") and got != file.version["etag"]:
+            raise changed(self.source, file, f"ETag is now {got}")
 
     def refused(self, file: RemoteFile, resp, what: str) -> Exception | None:
         """A backend's own reading of a 403 (an expired presigned URL...), or None."""

@@ -16,7 +16,7 @@ from .. import httpio
 from ..checksums import b64_to_hex
 from ..errors import AgentError, AuthError, InvalidInput, NotFound, Retryable
 from .base import RangeReader, RemoteFile, SourceRef, register
-from .objstore import (ObjectInfo, ObjectStoreSource, PinnedHttpReader, changed, content_key, parse_bucket_uri,
+from .objstore import (ObjectInfo, ObjectStoreSource, PinnedHttpReader, content_key, parse_bucket_uri,
                        require_sdk)
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -250,11 +250,6 @@ class S3Reader(PinnedHttpReader):
             # Renewed well before it expires; temporary credentials may end sooner (then: `refused`).
             self._urls[file.path] = (now, now + PRESIGN_SECONDS / 4, url)
         return url
-
-    def check_version(self, file: RemoteFile, headers, what: str) -> None:
-        got = (headers.get("ETag") or "").strip('"')
-        if got and file.version.get("etag") and got != file.version["etag"]:
-            raise changed(self.source, file, f"ETag is now {got}")
 
     def refused(self, file: RemoteFile, resp, what: str) -> Exception | None:
         with self._lock:
