@@ -66,11 +66,18 @@ class _Composite:
                 self._digests.append(bytes.fromhex(self._part.hexdigest()))
                 self._part, self._in_part = _hasher(self.base, 0), 0
 
+    def parts(self) -> list[bytes]:
+        """The digest of every part fed so far, the last one possibly short."""
+        return self._digests + ([bytes.fromhex(self._part.hexdigest())] if self._in_part else [])
+
     def hexdigest(self) -> str:
-        digests = self._digests + ([bytes.fromhex(self._part.hexdigest())] if self._in_part else [])
-        outer = _hasher(self.base, 0)
-        outer.update(b"".join(digests))
-        return f"{outer.hexdigest()}-{len(digests)}:{self.part_size}"
+        return _composite_hex(self.base, self.parts(), self.part_size)
+
+
+def _composite_hex(base: str, parts: list[bytes], part_size: int) -> str:
+    outer = _hasher(base, 0)
+    outer.update(b"".join(parts))
+    return f"{outer.hexdigest()}-{len(parts)}:{part_size}"
 
 
 class _Crc32:
@@ -81,6 +88,9 @@ class _Crc32:
 
     def update(self, data) -> None:
         self._value = _crc32(data, self._value)
+
+    def value(self) -> int:
+        return self._value
 
     def hexdigest(self) -> str:
         return f"{self._value:08x}"
@@ -95,6 +105,9 @@ class _Crc32c:
     def update(self, data) -> None:
         # The C extension takes only `bytes`: one copy, cheap next to the read it follows.
         self._c.update(data if isinstance(data, bytes) else bytes(data))
+
+    def value(self) -> int:
+        return int.from_bytes(self._c.digest(), "big")
 
     def hexdigest(self) -> str:
         return self._c.digest().hex()
@@ -162,5 +175,103 @@ class Digests:
     def problems(self) -> list[str]:
         if self.fed != self.size:
             return [f"size {self.fed} != {self.size}"]
-        got = {a: _digest(a, h) for a, h in self.hashers.items()}
-        return [f"{a} {got[a][:12]}… != {v[:12]}…" for a, v in self.expected.items() if got[a] not in (v, v.lower())]
+        return _compare(self.expected, {a: _digest(a, h) for a, h in self.hashers.items()})
+
+
+def _compare(expected: dict[str, str], got: dict[str, str]) -> list[str]:
+    return [f"{a} {got[a][:12]}… != {v[:12]}…" for a, v in expected.items() if got[a] not in (v, v.lower())]
+
+
+# -- hashing the ranges of a file apart, in parallel ----------------------------------------------
+# A CRC register can be carried past n bytes without reading them: it is a linear map over GF(2),
+# a 32x32 bit matrix (zlib's crc32_combine). _POWERS[poly][k] is that map for 2**k zero bytes.
+_POLYS = {"crc32": 0xEDB88320, "crc32c": 0x82F63B78}  # bit-reflected, as zlib and CRC32C compute them
+_POWERS: dict[int, list[list[int]]] = {}
+
+
+def _gf2_apply(matrix: list[int], vector: int) -> int:
+    out, i = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
+
+
+def _gf2_square(matrix: list[int]) -> list[int]:
+    return [_gf2_apply(matrix, row) for row in matrix]
+
+
+def _powers(poly: int) -> list[list[int]]:
+    powers = _POWERS.get(poly)
+    if powers is None:
+        one_bit = [poly] + [1 << n for n in range(31)]  # the register moved past one zero bit
+        m = _gf2_square(_gf2_square(_gf2_square(one_bit)))  # ... past 8 bits: one zero byte
+        powers = []
+        for _ in range(48):  # up to 2**48 bytes
+            powers.append(m)
+            m = _gf2_square(m)
+        _POWERS[poly] = powers
+    return powers
+
+
+def crc_combine(algo: str, crc_a: int, crc_b: int, len_b: int) -> int:
+    """The CRC of A+B from the CRC of A, the CRC of B and the length of B."""
+    powers, k = _powers(_POLYS[algo]), 0
+    while len_b:
+        if len_b & 1:
+            crc_a = _gf2_apply(powers[k], crc_a)
+        len_b >>= 1
+        k += 1
+    return crc_a ^ crc_b
+
+
+def _combinable(algo: str, expected: str, range_size: int) -> bool:
+    if algo in _POLYS:
+        return True
+    if algo in COMPOSITE:  # parts must not straddle two ranges: each range then starts a part
+        part = int(expected.rpartition(":")[2] or 0)
+        return part > 0 and range_size % part == 0
+    return False  # sha256, md5, git_sha1: their state cannot be combined, only fed in order
+
+
+class RangeDigests:
+    """The digests of a file hashed range by range: each range in its own order, by whichever worker
+    fetches it, combined when all have landed. No byte is read back from disk to hash it, however
+    the ranges arrive. Only for checksums that combine (see `possible`); others use Digests.
+    """
+
+    @staticmethod
+    def possible(expected: dict[str, str], range_size: int) -> bool:
+        picked = chosen(expected)
+        return bool(picked) and all(_combinable(a, v, range_size) for a, v in picked.items())
+
+    def __init__(self, size: int, expected: dict[str, str], range_size: int):
+        self.size = size
+        self.range_size = range_size
+        self.expected = chosen(expected)
+        count = max(1, -(-size // range_size))
+        self.hashers = [{a: _hasher(a, 0, v) for a, v in self.expected.items()} for _ in range(count)]
+        self.fed = [0] * count  # bytes of each range hashed, from the range's start
+
+    def update(self, idx: int, data) -> None:
+        for h in self.hashers[idx].values():
+            h.update(data)
+        self.fed[idx] += len(data)
+
+    def problems(self) -> list[str]:
+        if sum(self.fed) != self.size:
+            return [f"size {sum(self.fed)} != {self.size}"]
+        got = {}
+        for algo in self.expected:
+            ranges = [h[algo] for h in self.hashers]
+            if algo in COMPOSITE:
+                parts = [d for h in ranges for d in h.parts()]
+                got[algo] = _composite_hex(ranges[0].base, parts, ranges[0].part_size)
+            else:
+                value = ranges[0].value()
+                for h, length in zip(ranges[1:], self.fed[1:]):
+                    value = crc_combine(algo, value, h.value(), length)
+                got[algo] = f"{value:08x}"
+        return _compare(self.expected, got)

@@ -111,6 +111,7 @@ class Settings:
     lock_timeout: float | None = None  # None: wait for a live writer as long as it lives
     lease_ttl: float = 60.0
     chunk_size: int = 64 * 2**20
+    direct_io: bool = True  # O_DIRECT for the ranges of large files, where the file system allows it
     disk_margin: int = 256 * 2**20
     xet_high_performance: bool = False
     retry_max_failures: int = 8
@@ -119,6 +120,12 @@ class Settings:
     progress_interval: float = 10.0
     interval: float | None = None  # sync: None means the models file's `interval`
     poll_interval: float = 2.0
+
+
+def _direct_io(value: str) -> bool:
+    if value not in ("auto", "off"):
+        raise InvalidInput(f"--direct-io {value!r}: expected auto or off")
+    return value == "auto"
 
 
 def env_option(env: Mapping[str, str], name: str) -> str | None:
@@ -183,6 +190,7 @@ def build_settings(opts: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         lock_timeout=parse_duration(lock_timeout, what="--lock-timeout") if lock_timeout is not None else None,
         lease_ttl=parse_duration(pick("lease_ttl", 60), what="--lease-ttl"),
         chunk_size=parse_size(pick("chunk_size", "64Mi"), what="--chunk-size"),
+        direct_io=_direct_io(str(pick("direct_io", "auto"))),
         disk_margin=parse_size(pick("disk_margin", "256Mi"), what="--disk-margin"),
         xet_high_performance=_truthy(env.get("HF_XET_HIGH_PERFORMANCE")) or bool(opts.get("xet_high_performance")),
         retry_max_failures=int(pick("retry_max_failures", 8)),

@@ -45,19 +45,37 @@ class Response:
         """The body in pieces of up to READ_SIZE; socket trouble becomes a Retryable reason.
 
         The buffer is reused between pieces: consume each one before asking for the next."""
-        buf = bytearray(READ_SIZE)
-        view = memoryview(buf)
+        view = memoryview(bytearray(READ_SIZE))
         try:
-            while n := self._resp.readinto(buf):
+            while n := self._readinto(view, what):
                 yield view[:n]
+        finally:
+            self.release()
+
+    def units(self, buf: memoryview, what: str) -> Iterator[int]:
+        """The body read straight into `buf`, a buffer-full at a time: each `n` yielded means buf[:n]
+        holds the next n bytes (n == len(buf) but for the last). No copy on the way from the socket."""
+        size, fill = len(buf), 0
+        try:
+            while n := self._readinto(buf[fill:min(size, fill + READ_SIZE)], what):
+                fill += n
+                if fill == size:
+                    yield fill
+                    fill = 0
+            if fill:
+                yield fill
+        finally:
+            self.release()
+
+    def _readinto(self, view: memoryview, what: str) -> int:
+        try:
+            return self._resp.readinto(view)
         except TimeoutError as exc:
             raise Retryable("stall", f"{what}: no byte received for the stall timeout") from exc
         except http.client.IncompleteRead as exc:
             raise Retryable("truncated", f"{what}: truncated ({type(exc).__name__})") from exc
         except (http.client.HTTPException, OSError) as exc:
             raise Retryable("connection", f"{what}: connection error ({type(exc).__name__})") from exc
-        finally:
-            self.release()
 
     def drain(self) -> None:
         """Read a (small) unwanted body so the connection can serve the next request."""

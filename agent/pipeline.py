@@ -193,7 +193,7 @@ class Pull:
             jobs = [FileJob(f, self.layout.final_path(f.etag, f.path), partial_dir) for f in plan.missing]
             policy = RetryPolicy(self.settings.retry_max_failures, self.settings.retry_base_delay)
             Transfer(reader, self.progress, workers=self.settings.workers, chunk_size=self.settings.chunk_size,
-                     policy=policy).run(jobs)
+                     policy=policy, direct_io=self.settings.direct_io).run(jobs)
         finally:
             reader.close()
         engine = "+".join(sorted(getattr(reader, "used", {reader.name}))) or reader.name

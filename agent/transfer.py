@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import threading
 import time
@@ -27,6 +28,10 @@ from .retry import RetryPolicy, call_with_retry
 from .sources.base import RangeReader, RemoteFile
 
 SIDECAR_FLUSH_SECONDS = 0.5
+# O_DIRECT wants the file offset, the length and the buffer's address aligned to the device's logical
+# block: 4096 covers every common device (512-byte ones too). A unit is what one pwrite sends.
+DIRECT_ALIGN = 4096
+DIRECT_UNIT = 1 << 20
 
 
 class Stopped(Exception):
@@ -70,10 +75,30 @@ def _hash_buffer() -> bytearray:
     return buf
 
 
+def _direct_buffer() -> memoryview:
+    """The thread's O_DIRECT staging buffer: an anonymous map, so page-aligned as O_DIRECT needs."""
+    view = getattr(_local, "direct", None)
+    if view is None:
+        view = _local.direct = memoryview(mmap.mmap(-1, DIRECT_UNIT))
+    return view
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second, O_DIRECT descriptor on the temp file; None where the file system refuses one."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None  # not Linux
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:  # EINVAL: tmpfs on older kernels, some FUSE and network file systems
+        return None
+
+
 class PartialFile:
     """One file being downloaded: its temp file, its ranges, and how far each has got."""
 
-    def __init__(self, job: FileJob, chunk_size: int, ranged: bool, candidates: list[Path] | None = None):
+    def __init__(self, job: FileJob, chunk_size: int, ranged: bool, candidates: list[Path] | None = None,
+                 direct: bool = False):
         self.job = job
         self.file = job.file
         self.chunk = max(chunk_size, 1) if ranged else max(job.file.size, 1)
@@ -86,13 +111,43 @@ class PartialFile:
         self._last_flush = time.monotonic()
         self.flushed = False
         self.resumed_bytes = 0
-        self.digests = checksums.Digests(job.file.size, job.file.checksums)
+        self.digests: checksums.Digests | checksums.RangeDigests = checksums.Digests(job.file.size, job.file.checksums)
+        self._settled = False
+        self._settle_lock = threading.Lock()
         self._hash_lock = threading.Lock()
         if ranged:
             self._adopt(candidates)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if self.resumed_bytes == 0:
             os.ftruncate(self.fd, 0)
+        # Direct writes need aligned ranges; a record left by a buffered writer is rewound to them.
+        self.direct_fd = _open_direct(self.path) if direct and self.chunk % DIRECT_ALIGN == 0 else None
+
+    def aligned_done(self, idx: int) -> int:
+        """Bytes of range `idx` landed, rounded down to DIRECT_ALIGN (the few above are fetched again)."""
+        start, end = self.bounds(idx)
+        with self.lock:
+            if self.done[idx] < end - start:  # a complete range stays complete, short tail and all
+                self.done[idx] -= self.done[idx] % DIRECT_ALIGN
+            return self.done[idx]
+
+    def write_direct(self, view: memoryview, pos: int) -> bool:
+        """pwrite an aligned unit with O_DIRECT; False (and buffered from now on) if the file system refuses."""
+        try:
+            while view:
+                n = os.pwrite(self.direct_fd, view, pos)
+                view, pos = view[n:], pos + n
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no space left while writing at offset {pos}") from None
+            if exc.errno != errno.EINVAL:
+                raise
+        with self.lock:  # accepted at open, refused at write (some network file systems): page cache it is
+            if self.direct_fd is not None:
+                os.close(self.direct_fd)
+                self.direct_fd = None
+        return False
 
     def bounds(self, idx: int) -> tuple[int, int]:
         start = idx * self.chunk
@@ -169,13 +224,62 @@ class PartialFile:
                     break
             return end
 
+    def _settle_digests(self) -> None:
+        """Pick the digests once, just before the first byte is hashed: by then the source has learned
+        every checksum it will (a response's header, a HEAD). Checksums that combine (CRCs, composite
+        ones) are hashed range by range, so no byte is ever read back; others in file order."""
+        if self._settled:
+            return
+        with self._settle_lock:
+            if self._settled:
+                return
+            if self.count > 1 and checksums.RangeDigests.possible(self.file.checksums, self.chunk):
+                self.digests = checksums.RangeDigests(self.file.size, self.file.checksums, self.chunk)
+            elif self.digests.expected != checksums.chosen(self.file.checksums):
+                self.digests = checksums.Digests(self.file.size, self.file.checksums)
+            self._settled = True
+
+    def hash_landed(self, idx: int, pos: int, piece) -> None:
+        """Hash bytes just written at `pos` in range `idx`: from memory when they are next in line."""
+        self._settle_digests()
+        digests = self.digests
+        if isinstance(digests, checksums.RangeDigests):
+            if digests.fed[idx] == pos - idx * self.chunk:
+                digests.update(idx, piece)
+            else:
+                self._catch_up(idx)  # a resumed range: what an earlier run landed is read back, once
+            return
+        start, end = self.bounds(idx)
+        if not self._hash_inline(pos, piece) and start <= digests.fed < end:
+            self.hash_ahead()  # this range is the hashing frontier: keep the digest right behind it
+
+    def _catch_up(self, idx: int) -> None:
+        """Range digests: hash what landed in range `idx` beyond what was hashed (one thread per range)."""
+        start = idx * self.chunk
+        with self.lock:
+            landed = self.done[idx]
+        self._read_back(start + self.digests.fed[idx], start + landed, lambda data: self.digests.update(idx, data))
+
+    def _read_back(self, pos: int, end: int, update: Callable) -> None:
+        buf = _hash_buffer()
+        while pos < end:
+            n = os.preadv(self.fd, [memoryview(buf)[: min(len(buf), end - pos)]], pos)
+            if not n:
+                return
+            update(memoryview(buf)[:n])
+            pos += n
+
     def hash_ahead(self, wait: bool = False) -> None:
-        """Feed the digests whatever contiguous prefix has landed; one thread at a time per file."""
+        """Hash whatever has landed and is not hashed yet, from disk; `wait` for a busy hasher."""
+        self._settle_digests()
+        if isinstance(self.digests, checksums.RangeDigests):
+            if wait:  # only when every range has landed: then no worker hashes any more
+                for idx in range(self.count):
+                    self._catch_up(idx)
+            return
         if not self._hash_lock.acquire(blocking=wait):
             return
         try:
-            if self.digests.fed == 0:
-                self._refresh_digests()
             while True:
                 end = self._hashable_end()
                 if end <= self.digests.fed:
@@ -183,31 +287,16 @@ class PartialFile:
                 if not self.digests.hashers:  # no checksum to compute (size only): read nothing back
                     self.digests.fed = end
                     continue
-                pos = self.digests.fed
-                buf = _hash_buffer()
-                while pos < end:
-                    n = os.preadv(self.fd, [memoryview(buf)[: min(len(buf), end - pos)]], pos)
-                    if not n:
-                        return
-                    self.digests.update(memoryview(buf)[:n])
-                    pos += n
+                self._read_back(self.digests.fed, end, self.digests.update)
         finally:
             self._hash_lock.release()
 
-    def _refresh_digests(self) -> None:
-        """Take up checksums the source learned after the listing (a response's header, a HEAD);
-        called with the hash lock held, before the first byte is hashed."""
-        if self.digests.expected != checksums.chosen(self.file.checksums):
-            self.digests = checksums.Digests(self.file.size, self.file.checksums)
-
-    def hash_inline(self, pos: int, piece) -> bool:
-        """Hash a piece just written at `pos` from memory when it is exactly the next byte the
-        digests need: no read-back. False when another thread hashes, or the frontier is elsewhere."""
+    def _hash_inline(self, pos: int, piece) -> bool:
+        """In file order: hash a piece from memory when it is exactly the next byte the digests need.
+        False when another thread hashes, or the frontier is elsewhere."""
         if not self._hash_lock.acquire(blocking=False):
             return False
         try:
-            if self.digests.fed == 0:
-                self._refresh_digests()
             if self.digests.fed != pos:
                 return False
             if self.digests.hashers:
@@ -244,11 +333,15 @@ class PartialFile:
             lost = sum(self.done)
             self.done = [0] * self.count
             self.digests = checksums.Digests(self.file.size, self.file.checksums)
+            self._settled = False
             os.ftruncate(self.fd, 0)
             self._flush_locked(time.monotonic())
             return lost
 
     def close(self, keep: bool) -> None:
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
         os.close(self.fd)
         if not keep:
             self.path.unlink(missing_ok=True)
@@ -281,8 +374,9 @@ class Transfer:
     """Runs every file's ranges on one bounded pool; the first hard error stops the rest."""
 
     def __init__(self, reader: RangeReader, progress: Progress, *, workers: int, chunk_size: int,
-                 policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep):
+                 policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep, direct_io: bool = True):
         self.reader = reader
+        self.direct_io = direct_io
         self.progress = progress
         self.workers = workers
         self.chunk_size = chunk_size
@@ -334,7 +428,9 @@ class Transfer:
         range_size = reader.range_size(self.chunk_size)
 
         def open_partial() -> PartialFile:
-            pf = PartialFile(job, range_size, reader.ranged, self._leftovers.get((job.partial_dir, job.file.etag), []))
+            direct = self.direct_io and reader.ranged and job.file.size > range_size  # the large files only
+            pf = PartialFile(job, range_size, reader.ranged, self._leftovers.get((job.partial_dir, job.file.etag), []),
+                             direct=direct)
             if pf.resumed_bytes:
                 self.progress.add_bytes(pf.resumed_bytes)
             return pf
@@ -403,6 +499,8 @@ class Transfer:
 
     def _fetch_range(self, reader: RangeReader, pf: PartialFile, idx: int) -> None:
         start, end = pf.bounds(idx)
+        if pf.direct_fd is not None:
+            return self._fetch_range_direct(reader, pf, idx, start, end)
         pos = start + pf.done[idx]
         if pos >= end and pf.file.size:
             return
@@ -415,11 +513,40 @@ class Transfer:
             _write_all(pf.fd, piece, pos)
             pf.advance(idx, n)
             self.progress.add_bytes(n)
-            if not pf.hash_inline(pos, piece) and start <= pf.digests.fed < end:
-                pf.hash_ahead()  # this range is the hashing frontier: keep the digest right behind it
+            pf.hash_landed(idx, pos, piece)
             pos += n
         if pos != end:
             raise Retryable("truncated", f"{pf.file.path}: body ended at byte {pos} of {end}")
+
+    def _fetch_range_direct(self, reader: RangeReader, pf: PartialFile, idx: int, start: int, end: int) -> None:
+        """The range through the thread's aligned buffer, one DIRECT_UNIT per pwrite. Bytes count as
+        landed (resume record, progress, digests) only once their unit is written."""
+        unit_pos = start + pf.aligned_done(idx)
+        if unit_pos >= end and pf.file.size:
+            return
+        buf = _direct_buffer()
+        for n in reader.read_range_into(pf.file, unit_pos, end, buf):
+            if self.stop.is_set():
+                raise Stopped()
+            if unit_pos + n > end:
+                raise Retryable("overrun", f"{pf.file.path}: server sent more than the {end - start} bytes asked for")
+            self._land(pf, idx, buf, unit_pos, n)
+            unit_pos += n
+        if unit_pos != end:
+            raise Retryable("truncated", f"{pf.file.path}: body ended at byte {unit_pos} of {end}")
+
+    def _land(self, pf: PartialFile, idx: int, buf: memoryview, pos: int, n: int) -> None:
+        # A short unit (the file's last, or a body cut short) goes out padded with zeros to the
+        # alignment; the padding covers only bytes not landed yet (ranges end aligned, but for the
+        # file's last), which a retry rewrites, or the tail past the end that _finish cuts off.
+        padded = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+        if padded != n:
+            buf[n:padded] = bytes(padded - n)
+        if not pf.write_direct(buf[:padded], pos):
+            _write_all(pf.fd, buf[:n], pos)
+        pf.advance(idx, n)
+        self.progress.add_bytes(n)
+        pf.hash_landed(idx, pos, buf[:n])
 
     def _fetch_whole(self, reader: RangeReader, pf: PartialFile) -> None:
         got = {"n": 0}
@@ -441,6 +568,8 @@ class Transfer:
             pf.hash_ahead(wait=True)
             problems = pf.digests.problems()
             if not problems:
+                if os.fstat(pf.fd).st_size != pf.file.size:
+                    os.ftruncate(pf.fd, pf.file.size)  # a direct write's padding past the end
                 os.fsync(pf.fd)
                 pf.close(keep=True)
                 # The folder is fsynced once for all its files when the run ends (see `run`):

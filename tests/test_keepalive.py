@@ -97,6 +97,20 @@ def test_a_thread_reuses_its_connection_after_reading_a_body_to_the_end():
         assert srv.connections == 1
 
 
+def test_units_fill_the_callers_buffer_and_keep_the_connection():
+    """The O_DIRECT path reads straight into its aligned buffer, a buffer-full at a time."""
+    import mmap
+
+    with served("keepalive") as (srv, pool, base):
+        buf = memoryview(mmap.mmap(-1, 1 << 20))
+        got, sizes = bytearray(), []
+        for n in pool.get(f"{base}/a", {}, "test").units(buf, "test"):
+            sizes.append(n)
+            got += buf[:n]
+        assert bytes(got) == BODY and sizes == [1 << 20] * 3
+        assert fetch(pool, f"{base}/b") == BODY and srv.connections == 1
+
+
 def test_a_connection_the_server_closed_while_idle_is_replaced_without_an_error():
     with served("close_after_each") as (srv, pool, base):
         for _ in range(3):

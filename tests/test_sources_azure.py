@@ -113,10 +113,11 @@ def test_sigkill_resume_then_blob_rewritten_mid_pull(azurite, tmp_path):
         r = agent(*args, env=env)
         assert r.returncode == 0, r.stderr
         assert_local_dir(dest, {"model.safetensors": data}, listed_id(azurite, container))
-        # Resumed byte-exactly (the same keep-alive reader as S3 and GCS): only what landed within the
-        # resume record's 0.5 s flush lag is fetched again. The SDK's download, used before, lost the
-        # whole 4 MiB piece in flight on each connection.
-        assert first + proxy.body_bytes < len(data) * 1.15, (first, proxy.body_bytes)
+        # Resumed byte-exactly (the same keep-alive reader as S3 and GCS): fetched again is only what
+        # landed within the resume record's 0.5 s flush lag, plus the O_DIRECT unit (1 MiB) in flight
+        # on each connection: up to ~3 MiB per connection at this rate. Starting over would cost 1.54x
+        # (the kill came after 13 of 24 MiB); the SDK's download, used before, measured 1.39x.
+        assert first + proxy.body_bytes < len(data) * 1.3, (first, proxy.body_bytes)
 
         # Now rewrite the blob under a running pull of the new state (into another folder).
         proxy.clear()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Iterator
 
 from ..errors import InvalidInput
 
@@ -59,6 +59,22 @@ class SourceRef:
         return self.repo_id or self.display()
 
 
+def fill_units(pieces: Iterable[bytes | memoryview], buf: memoryview) -> Iterator[int]:
+    """Regroup a stream of pieces into buffer-fulls of `buf` (see RangeReader.read_range_into)."""
+    size, fill = len(buf), 0
+    for piece in pieces:
+        off, n = 0, len(piece)
+        while off < n:
+            take = min(n - off, size - fill)
+            buf[fill:fill + take] = piece[off:off + take]
+            fill, off = fill + take, off + take
+            if fill == size:
+                yield fill
+                fill = 0
+    if fill:
+        yield fill
+
+
 class RangeReader(ABC):
     """Reads byte ranges of listed files. Raises `Retryable` for what is worth another try."""
 
@@ -68,6 +84,12 @@ class RangeReader(ABC):
     @abstractmethod
     def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes | memoryview]:
         """Yield the bytes [start, end) of `file`, in order."""
+
+    def read_range_into(self, file: RemoteFile, start: int, end: int, buf: memoryview) -> Iterator[int]:
+        """The bytes [start, end) of `file` through `buf`, a buffer-full at a time: each `n` yielded
+        means buf[:n] holds the next n bytes (n == len(buf) but for the last), to be used before the
+        next. Readers that can read straight into `buf` override this copy."""
+        return fill_units(self.read_range(file, start, end), buf)
 
     def fetch_whole(self, file: RemoteFile, dest: str, on_bytes: Callable[[int], None]) -> None:
         raise NotImplementedError

@@ -20,7 +20,7 @@ from ..errors import AgentError, InvalidInput, NotFound, Retryable, TransientErr
 from ..keepalive import KeepAlivePool
 from ..layout import safe_relpath
 from ..retry import RetryPolicy, call_with_retry
-from .base import RangeReader, RemoteFile, Source, SourceRef
+from .base import RangeReader, RemoteFile, Source, SourceRef, fill_units
 
 T = TypeVar("T")
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
@@ -208,6 +208,13 @@ class PinnedHttpReader(RangeReader):
         return f"{self.source.ref.display()} {file.path}"
 
     def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[memoryview]:
+        return self._read(file, start, end, None)
+
+    def read_range_into(self, file: RemoteFile, start: int, end: int, buf: memoryview) -> Iterator[int]:
+        return self._read(file, start, end, buf)
+
+    def _read(self, file: RemoteFile, start: int, end: int, buf: memoryview | None) -> Iterator:
+        """Pieces of our read buffer, or (`buf` given) units read straight into the caller's buffer."""
         what = self.what(file)
         whole = (start == 0 and end == file.size) or file.size == 0
         headers = {"Accept-Encoding": "identity", "User-Agent": "model-agent"}
@@ -227,8 +234,11 @@ class PinnedHttpReader(RangeReader):
             except BaseException:
                 resp.drain()
                 raise
-            body = resp.pieces(what)
-            yield from (body if status == 206 or whole else httpio.skip_to(body, start, end))
+            if status == 206 or whole:
+                yield from (resp.pieces(what) if buf is None else resp.units(buf, what))
+            else:  # a server that ignores Range: skip to the range in the whole body
+                body = httpio.skip_to(resp.pieces(what), start, end)
+                yield from (body if buf is None else fill_units(body, buf))
             return
         resp.drain()
         if status in (404, 412):
