@@ -236,6 +236,12 @@ def _combinable(algo: str, expected: str, range_size: int) -> bool:
     return False  # sha256, md5, git_sha1: their state cannot be combined, only fed in order
 
 
+def hashed_in_file_order(expected: dict[str, str], range_size: int) -> bool:
+    """True when verifying needs the file's bytes in order (sha256, md5): ranges that land ahead of
+    the hashing frontier are then read back from disk."""
+    return bool(chosen(expected)) and not RangeDigests.possible(expected, range_size)
+
+
 class RangeDigests:
     """The digests of a file hashed range by range: each range in its own order, by whichever worker
     fetches it, combined when all have landed. No byte is read back from disk to hash it, however

@@ -108,10 +108,16 @@ def test_large_files_are_written_past_the_page_cache_and_cut_to_size(tmp_path, d
     assert reader.direct_seen and any(reader.direct_seen) is direct
 
 
-def test_a_small_file_stays_on_the_page_cache(tmp_path):
-    data = os.urandom(MiB // 2)  # one range: no second descriptor, no alignment games
+@pytest.mark.parametrize("size, checks", [
+    (MiB // 2, {}),  # one range: no second descriptor, no alignment games
+    (3 * MiB, {"sha256": "x"}),  # hashed in file order: what lands ahead is read back, from memory
+])
+def test_small_files_and_file_order_checksums_stay_on_the_page_cache(tmp_path, size, checks):
+    data = os.urandom(size)
+    if checks:
+        checks = {"sha256": hashlib.sha256(data).hexdigest()}
     reader = MemoryReader(data)
-    assert pull(tmp_path, data, reader, direct=True).read_bytes() == data
+    assert pull(tmp_path, data, reader, direct=True, checks=checks).read_bytes() == data
     assert reader.direct_seen and not any(reader.direct_seen)
 
 
@@ -140,7 +146,7 @@ def test_resume_from_a_buffered_record_rewinds_to_the_alignment(tmp_path):
     landed = json.loads(record.read_text())["done"][1]
     assert landed % DIRECT_ALIGN
     second = MemoryReader(data)
-    final = pull(tmp_path, data, second, direct=True, checks={"sha256": hashlib.sha256(data).hexdigest()})
+    final = pull(tmp_path, data, second, direct=True, checks={"crc32": f"{zlib.crc32(data):08x}"})
     assert final.read_bytes() == data
     assert [s for s in second.starts if MiB <= s < 2 * MiB] == [MiB + landed // DIRECT_ALIGN * DIRECT_ALIGN]
 
