@@ -111,7 +111,7 @@ class Settings:
     lock_timeout: float | None = None  # None: wait for a live writer as long as it lives
     lease_ttl: float = 60.0
     chunk_size: int = 64 * 2**20
-    direct_io: bool = True  # O_DIRECT for the ranges of large files, where the file system allows it
+    direct_io: str = "auto"  # O_DIRECT for large files: auto (local block file systems), on, off
     disk_margin: int = 256 * 2**20
     xet_high_performance: bool = False
     retry_max_failures: int = 8
@@ -122,10 +122,10 @@ class Settings:
     poll_interval: float = 2.0
 
 
-def _direct_io(value: str) -> bool:
-    if value not in ("auto", "off"):
-        raise InvalidInput(f"--direct-io {value!r}: expected auto or off")
-    return value == "auto"
+def _direct_io(value: str) -> str:
+    if value not in ("auto", "on", "off"):
+        raise InvalidInput(f"--direct-io {value!r}: expected auto, on or off")
+    return value
 
 
 def env_option(env: Mapping[str, str], name: str) -> str | None:

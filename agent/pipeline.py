@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import directio
 from .config import Settings
 from .errors import NotFound, TimedOut
 from .inspect_cache import ready_commit
@@ -193,7 +194,7 @@ class Pull:
             jobs = [FileJob(f, self.layout.final_path(f.etag, f.path), partial_dir) for f in plan.missing]
             policy = RetryPolicy(self.settings.retry_max_failures, self.settings.retry_base_delay)
             Transfer(reader, self.progress, workers=self.settings.workers, chunk_size=self.settings.chunk_size,
-                     policy=policy, direct_io=self.settings.direct_io).run(jobs)
+                     policy=policy, direct_io=directio.wanted(self.settings.direct_io, partial_dir)).run(jobs)
         finally:
             reader.close()
         engine = "+".join(sorted(getattr(reader, "used", {reader.name}))) or reader.name

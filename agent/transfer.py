@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import threading
 import time
@@ -21,17 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from . import checksums
+from . import checksums, directio
 from .errors import DiskFull, IntegrityError, Retryable
 from .layout import fsync_dir, promote
 from .retry import RetryPolicy, call_with_retry
 from .sources.base import RangeReader, RemoteFile
 
 SIDECAR_FLUSH_SECONDS = 0.5
-# O_DIRECT wants the file offset, the length and the buffer's address aligned to the device's logical
-# block: 4096 covers every common device (512-byte ones too). A unit is what one pwrite sends.
-DIRECT_ALIGN = 4096
-DIRECT_UNIT = 1 << 20
 
 
 class Stopped(Exception):
@@ -75,25 +70,6 @@ def _hash_buffer() -> bytearray:
     return buf
 
 
-def _direct_buffer() -> memoryview:
-    """The thread's O_DIRECT staging buffer: an anonymous map, so page-aligned as O_DIRECT needs."""
-    view = getattr(_local, "direct", None)
-    if view is None:
-        view = _local.direct = memoryview(mmap.mmap(-1, DIRECT_UNIT))
-    return view
-
-
-def _open_direct(path: Path) -> int | None:
-    """A second, O_DIRECT descriptor on the temp file; None where the file system refuses one."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return None  # not Linux
-    try:
-        return os.open(path, os.O_WRONLY | flag)
-    except OSError:  # EINVAL: tmpfs on older kernels, some FUSE and network file systems
-        return None
-
-
 class PartialFile:
     """One file being downloaded: its temp file, its ranges, and how far each has got."""
 
@@ -121,14 +97,14 @@ class PartialFile:
         if self.resumed_bytes == 0:
             os.ftruncate(self.fd, 0)
         # Direct writes need aligned ranges; a record left by a buffered writer is rewound to them.
-        self.direct_fd = _open_direct(self.path) if direct and self.chunk % DIRECT_ALIGN == 0 else None
+        self.direct_fd = directio.open_direct(self.path) if direct and self.chunk % directio.ALIGN == 0 else None
 
     def aligned_done(self, idx: int) -> int:
-        """Bytes of range `idx` landed, rounded down to DIRECT_ALIGN (the few above are fetched again)."""
+        """Bytes of range `idx` landed, rounded down to directio.ALIGN (the few above are fetched again)."""
         start, end = self.bounds(idx)
         with self.lock:
             if self.done[idx] < end - start:  # a complete range stays complete, short tail and all
-                self.done[idx] -= self.done[idx] % DIRECT_ALIGN
+                self.done[idx] -= self.done[idx] % directio.ALIGN
             return self.done[idx]
 
     def write_direct(self, view: memoryview, pos: int) -> bool:
@@ -524,12 +500,12 @@ class Transfer:
             raise Retryable("truncated", f"{pf.file.path}: body ended at byte {pos} of {end}")
 
     def _fetch_range_direct(self, reader: RangeReader, pf: PartialFile, idx: int, start: int, end: int) -> None:
-        """The range through the thread's aligned buffer, one DIRECT_UNIT per pwrite. Bytes count as
+        """The range through the thread's aligned buffer, one directio.UNIT per pwrite. Bytes count as
         landed (resume record, progress, digests) only once their unit is written."""
         unit_pos = start + pf.aligned_done(idx)
         if unit_pos >= end and pf.file.size:
             return
-        buf = _direct_buffer()
+        buf = directio.staging_buffer()
         for n in reader.read_range_into(pf.file, unit_pos, end, buf):
             if self.stop.is_set():
                 raise Stopped()
@@ -544,7 +520,7 @@ class Transfer:
         # A short unit (the file's last, or a body cut short) goes out padded with zeros to the
         # alignment; the padding covers only bytes not landed yet (ranges end aligned, but for the
         # file's last), which a retry rewrites, or the tail past the end that _finish cuts off.
-        padded = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+        padded = -(-n // directio.ALIGN) * directio.ALIGN
         if padded != n:
             buf[n:padded] = bytes(padded - n)
         if not pf.write_direct(buf[:padded], pos):

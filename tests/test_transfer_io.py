@@ -20,11 +20,24 @@ from agent import checksums
 from agent.errors import AgentError
 from agent.retry import RetryPolicy
 from agent.sources.base import RangeReader, RemoteFile
-from agent.transfer import DIRECT_ALIGN, FileJob, PartialFile, Transfer
+from agent import directio
+from agent.transfer import FileJob, PartialFile, Transfer
 
 MiB = 2**20
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 pytestmark = pytest.mark.skipif(not O_DIRECT or not Path("/proc/self/fdinfo").is_dir(), reason="Linux only")
+
+
+@pytest.fixture(autouse=True)
+def needs_o_direct(tmp_path):
+    """The temp folder's file system must take O_DIRECT (tmpfs before Linux 6.6 refuses it)."""
+    probe = tmp_path / "probe"
+    probe.touch()
+    fd = directio.open_direct(probe)
+    if fd is None:
+        pytest.skip(f"{tmp_path} refuses O_DIRECT")
+    os.close(fd)
+    probe.unlink()
 
 
 class Quiet:
@@ -129,7 +142,7 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path):
     (tmp_path / "p").mkdir()
     pf = PartialFile(FileJob(file, tmp_path / "m.bin", tmp_path / "p"), MiB, True, [], direct=True)
     assert pf.direct_fd is not None
-    misaligned = memoryview(bytearray(DIRECT_ALIGN + 1))[1:]
+    misaligned = memoryview(bytearray(directio.ALIGN + 1))[1:]
     assert pf.write_direct(misaligned, 0) is False
     assert pf.direct_fd is None  # from now on the buffered path
     pf.close(keep=False)
@@ -144,11 +157,11 @@ def test_resume_from_a_buffered_record_rewinds_to_the_alignment(tmp_path):
         pull(tmp_path, data, first, direct=False, workers=1)
     [record] = list((tmp_path / "partial").glob("*.json"))
     landed = json.loads(record.read_text())["done"][1]
-    assert landed % DIRECT_ALIGN
+    assert landed % directio.ALIGN
     second = MemoryReader(data)
     final = pull(tmp_path, data, second, direct=True, checks={"crc32": f"{zlib.crc32(data):08x}"})
     assert final.read_bytes() == data
-    assert [s for s in second.starts if MiB <= s < 2 * MiB] == [MiB + landed // DIRECT_ALIGN * DIRECT_ALIGN]
+    assert [s for s in second.starts if MiB <= s < 2 * MiB] == [MiB + landed // directio.ALIGN * directio.ALIGN]
 
 
 @pytest.mark.parametrize("algo", ["crc32", "crc32c", "crc32_composite", "sha256"])
@@ -204,3 +217,21 @@ def test_crc_combine_and_range_digests_agree_with_whole_file_hashing():
     assert not checksums.RangeDigests.possible({"md5": "ab"}, MiB)
     assert not checksums.RangeDigests.possible({"crc32_composite": f"x-2:{3 * MiB // 2}"}, MiB)
     assert checksums.RangeDigests.possible({"crc32_composite": f"x-2:{MiB // 2}", "md5": "ab"}, MiB)
+
+
+def test_auto_picks_o_direct_by_the_file_system_of_the_destination(tmp_path):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        "40 22 0:50 / /mnt/models rw,relatime shared:20 - nfs4 10.0.0.2:/export rw,vers=4.2\n"
+        "41 22 0:51 / /mnt/models\\040local rw,relatime shared:21 - xfs /dev/nvme0n1 rw\n"
+        "42 22 0:52 / /mnt/models-fuse rw shared:22 - fuse.gcsfuse bucket rw\n"
+    )
+    kind = lambda p: directio.fs_type(Path(p), str(mountinfo))  # noqa: E731
+    assert kind("/var/cache/hf") == "ext4"
+    assert kind("/mnt/models/hub/x") == "nfs4" and kind("/mnt/models") == "nfs4"
+    assert kind("/mnt/models local/x") == "xfs"  # \040 is a space in mountinfo
+    assert kind("/mnt/models-fuse/x") == "fuse.gcsfuse"  # a prefix of the name is not a parent
+    assert {"ext4", "xfs"} <= directio.LOCAL_BLOCK_FS and "nfs4" not in directio.LOCAL_BLOCK_FS
+    assert directio.wanted("off", tmp_path) is False and directio.wanted("on", tmp_path) is True
+    assert directio.wanted("auto", tmp_path) is (directio.fs_type(tmp_path) in directio.LOCAL_BLOCK_FS)
