@@ -103,6 +103,9 @@ class Settings:
     azure_connection_string: str | None = field(default=None, repr=False)
     azure_account_key: str | None = field(default=None, repr=False)
     azure_sas_token: str | None = field(default=None, repr=False)
+    # --endpoint-url given for an az:// source: the blob service URL (sovereign clouds, Azure Stack,
+    # Azurite). Only the flag or MODEL_AGENT_ENDPOINT_URL: AWS_ENDPOINT_URL is for S3 alone.
+    azure_endpoint: str | None = None
     offline: bool = False
     log_format: str = "auto"
     metrics_port: int | None = None
@@ -182,6 +185,7 @@ def build_settings(opts: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         azure_connection_string=env.get("AZURE_STORAGE_CONNECTION_STRING") or None,
         azure_account_key=env.get("AZURE_STORAGE_KEY") or None,
         azure_sas_token=env.get("AZURE_STORAGE_SAS_TOKEN") or None,
+        azure_endpoint=pick("endpoint_url"),
         offline=_truthy(env.get("HF_HUB_OFFLINE")),
         log_format=log_format,
         metrics_port=int(port) if port is not None else None,

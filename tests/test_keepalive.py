@@ -12,6 +12,7 @@ import pytest
 
 from agent.errors import Retryable
 from agent.keepalive import KeepAlivePool
+from objstore.tls import self_signed
 
 pytestmark = pytest.mark.timeout(30)
 BODY = bytes(range(256)) * 12_288  # 3 MiB: more than one read
@@ -136,38 +137,12 @@ def test_a_body_that_stops_arriving_is_a_stall():
         assert err.value.reason == "stall"
 
 
-def _self_signed(tmp_path):
-    """A certificate for 127.0.0.1 (its own CA): what a private S3 endpoint or a TLS proxy presents."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_pem, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    return cert_pem, key_pem
-
-
 def test_https_verifies_the_server_and_reuses_the_connection(tmp_path, monkeypatch):
     """Real stores are HTTPS: the certificate is checked against the system's CAs (SSL_CERT_FILE
     here, as a private CA bundle would be mounted), and a TLS connection is kept alive too."""
     import ssl
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(cert, key)
     srv = RawServer("keepalive", tls)
@@ -228,7 +203,7 @@ def tls_server_behind_proxy(tmp_path, monkeypatch, proxy_url: str = "http://127.
     """A TLS RawServer trusted through SSL_CERT_FILE, a ConnectProxy, and HTTPS_PROXY naming it."""
     import ssl
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(cert, key)
     srv, proxy = RawServer("keepalive", tls), ConnectProxy()

@@ -134,3 +134,32 @@ def test_sigkill_resume_then_blob_rewritten_mid_pull(azurite, tmp_path):
         assert not (dest2 / ".model-agent" / "ready").exists()
     finally:
         proxy.close()
+
+
+def test_managed_identity_bearer_tokens_over_https(tmp_path):
+    """No key, no SAS: DefaultAzureCredential gets a token from a managed-identity endpoint (as on
+    App Service or an Arc host), the listing and every ranged GET carry it, over HTTPS with a
+    private CA. A token for another audience is refused by the store: exit 3."""
+    from objstore.entra import TokenEndpoint
+    from objstore.tls import self_signed
+
+    cert, key = self_signed(tmp_path)
+    data = os.urandom(20 * MiB + 5)  # several ranges: every GET needs the token
+    with Azurite(tmp_path / "azurite-tls", tls=(cert, key)) as az:
+        container = make_container(az, {"model.safetensors": data, "config.json": b"{}"})
+        tokens = TokenEndpoint(secret="identity-header-secret")
+        try:
+            env = env_for({**tokens.env(), "MODEL_AGENT_ENDPOINT_URL": az.url,
+                           "SSL_CERT_FILE": str(cert), "REQUESTS_CA_BUNDLE": str(cert)})
+            dest = tmp_path / "d"
+            r = agent("pull", f"az://{container}/m/", "--local-dir", str(dest), "--chunk-size", "8Mi", env=env)
+            assert r.returncode == 0, r.stderr
+            assert_local_dir(dest, {"model.safetensors": data, "config.json": b"{}"}, listed_id(az, container))
+            assert tokens.calls, "the token came from the managed-identity endpoint"
+            assert "identity-header-secret" not in r.stderr
+
+            tokens.audience = "https://management.azure.com"  # a token for something else
+            r = agent("pull", f"az://{container}/m/", "--local-dir", str(tmp_path / "e"), env=env_for(env, **FAST))
+            assert r.returncode == 3 and "access refused" in r.stderr, r.stderr
+        finally:
+            tokens.close()

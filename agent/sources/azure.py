@@ -3,6 +3,8 @@
 Credentials, first found wins: AZURE_STORAGE_CONNECTION_STRING; else the account (from the URL or
 AZURE_STORAGE_ACCOUNT) with AZURE_STORAGE_KEY, or AZURE_STORAGE_SAS_TOKEN, or azure-identity's
 DefaultAzureCredential (managed identity, workload identity, a service principal's AZURE_* env).
+`--endpoint-url` names the blob service outside Azure's public cloud (`https://ACCOUNT.blob.core.
+chinacloudapi.cn`, `...usgovcloudapi.net`, Azure Stack, Azurite).
 azure-storage-blob does the listing and decides how each read is authorized (a per-blob SAS it signs
 with the account key, the caller's SAS, an Entra ID token); the bytes go through the same pinned,
 ranged GETs on keep-alive connections as S3 and GCS (objstore.PinnedHttpReader).
@@ -58,10 +60,13 @@ class AzureSource(ObjectStoreSource):
                     service = blob.BlobServiceClient.from_connection_string(s.azure_connection_string, **opts)
                 else:
                     account = self.ref.account or s.azure_account
-                    if not account:
+                    if not account and not s.azure_endpoint:
                         raise InvalidInput(f"{self.ref.display()}: which storage account? Use https://ACCOUNT.blob.core."
-                                           "windows.net/CONTAINER/PREFIX/, AZURE_STORAGE_ACCOUNT or AZURE_STORAGE_CONNECTION_STRING")
-                    url = f"https://{account}.blob.core.windows.net"
+                                           "windows.net/CONTAINER/PREFIX/, AZURE_STORAGE_ACCOUNT, --endpoint-url "
+                                           "or AZURE_STORAGE_CONNECTION_STRING")
+                    url = (s.azure_endpoint or f"https://{account}.blob.core.windows.net").rstrip("/")
+                    if s.azure_account_key and not account:
+                        raise InvalidInput(f"{self.ref.display()}: AZURE_STORAGE_KEY needs the account name: AZURE_STORAGE_ACCOUNT")
                     if s.azure_account_key:
                         credential = {"account_name": account, "account_key": s.azure_account_key}
                     elif s.azure_sas_token:

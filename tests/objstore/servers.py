@@ -169,22 +169,27 @@ def azurite_bin() -> Path | None:
 
 
 class Azurite(Server):
-    def __init__(self, workdir: Path):
+    """`tls=(cert, key)` serves HTTPS and takes Entra ID bearer tokens (Azurite's `--oauth basic`,
+    which the SDK only sends over HTTPS); the account key keeps working for the test's own set-up."""
+
+    def __init__(self, workdir: Path, tls: tuple[Path, Path] | None = None):
         exe = azurite_bin()
         if exe is None:
             raise RuntimeError("azurite-blob not found: run scripts/install-test-tools.sh")
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+        extra = ["--cert", str(tls[0]), "--key", str(tls[1]), "--oauth", "basic"] if tls else []
         self._spawn([str(exe), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(workdir),
-                     "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent"], workdir)
+                     "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent", *extra], workdir)
         svc = self.service()
         wait_until(lambda: list(svc.list_containers()) is not None, 60, "azurite", self.proc, self.log)
 
     @property
     def connection_string(self) -> str:
-        return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-                f"BlobEndpoint={self.url};")
+        return (f"DefaultEndpointsProtocol={'https' if self.tls else 'http'};AccountName={AZURITE_ACCOUNT};"
+                f"AccountKey={AZURITE_KEY};BlobEndpoint={self.url};")
 
     def env(self, **extra: str) -> dict[str, str]:
         return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string, **extra}
@@ -192,4 +197,5 @@ class Azurite(Server):
     def service(self, connection_string: str | None = None):
         from azure.storage.blob import BlobServiceClient
 
-        return BlobServiceClient.from_connection_string(connection_string or self.connection_string)
+        verify = {"connection_verify": str(self.tls[0])} if self.tls else {}
+        return BlobServiceClient.from_connection_string(connection_string or self.connection_string, **verify)
