@@ -98,6 +98,7 @@ class PartialFile:
             os.ftruncate(self.fd, 0)
         # Direct writes need aligned ranges; a record left by a buffered writer is rewound to them.
         self.direct_fd = directio.open_direct(self.path) if direct and self.chunk % directio.ALIGN == 0 else None
+        self.direct_refused = False
 
     def aligned_done(self, idx: int) -> int:
         """Bytes of range `idx` landed, rounded down to directio.ALIGN (the few above are fetched again)."""
@@ -109,6 +110,8 @@ class PartialFile:
 
     def write_direct(self, view: memoryview, pos: int) -> bool:
         """pwrite an aligned unit with O_DIRECT; False (and buffered from now on) if the file system refuses."""
+        if self.direct_refused:
+            return False
         try:
             while view:
                 n = os.pwrite(self.direct_fd, view, pos)
@@ -119,10 +122,10 @@ class PartialFile:
                 raise DiskFull(f"no space left while writing at offset {pos}") from None
             if exc.errno != errno.EINVAL:
                 raise
-        with self.lock:  # accepted at open, refused at write (some network file systems): page cache it is
-            if self.direct_fd is not None:
-                os.close(self.direct_fd)
-                self.direct_fd = None
+        # Accepted at open, refused at write (some network file systems): the page cache from now on.
+        # The descriptor stays open until close(): another worker may be inside a pwrite on it, and a
+        # closed number could be reused by the next open() for another file.
+        self.direct_refused = True
         return False
 
     def bounds(self, idx: int) -> tuple[int, int]:

@@ -144,8 +144,11 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path):
     assert pf.direct_fd is not None
     misaligned = memoryview(bytearray(directio.ALIGN + 1))[1:]
     assert pf.write_direct(misaligned, 0) is False
-    assert pf.direct_fd is None  # from now on the buffered path
+    aligned = directio.staging_buffer()[:directio.ALIGN]
+    assert pf.write_direct(aligned, 0) is False  # from now on the buffered path, for every worker
+    assert pf.direct_fd is not None  # but still open: another worker may be inside a pwrite on it
     pf.close(keep=False)
+    assert pf.direct_fd is None
 
 
 def test_resume_from_a_buffered_record_rewinds_to_the_alignment(tmp_path):
