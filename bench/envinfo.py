@@ -79,7 +79,7 @@ def main_notes(floor_mib: float) -> str:
 """
 
 
-SCALING_NOTE = """Both models have 2 shards, so only the size differs. A bounded-memory engine stays near 1x:
+SCALING_NOTE = """Both models have the same number of shards, so only the size differs. A bounded-memory engine stays near 1x:
 its buffers depend on workers, range size and files in flight, not on how many bytes it moves.
 All runs are listed because one run can hit a transient peak.
 """

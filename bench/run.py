@@ -1,6 +1,6 @@
 """Benchmark: model-agent vs `hf download` vs a plain local copy, against the project's own Hub.
 
-    python bench/run.py [--size-gib 2] [--runs 2] [--skip-xet] [--keep]
+    python bench/run.py [--size-gib 2] [--shards 2] [--runs 2] [--skip-xet] [--keep]
 
 One run serves a generated model of a few GB from devhub (in this process), pulls it with
 model-agent under each engine, with `hf download` (same revision) and copies the same bytes
@@ -36,9 +36,11 @@ REPO, SMALL_REPO = "bench/model", "bench/model-small"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size-gib", type=float, default=2.0, help="main model size, as 2 equal shards (default 2)")
+    p.add_argument("--size-gib", type=float, default=2.0, help="main model size, in --shards equal shards (default 2)")
+    p.add_argument("--shards", type=int, default=2,
+                   help="safetensors shards per model (default 2; as many as --workers or more fetches each in order)")
     p.add_argument("--small-mib", type=int, default=512,
-                   help="second model, also 2 shards, for RSS vs size and the Xet section (default 512)")
+                   help="second model, as many shards, for RSS vs size and the Xet section (default 512)")
     p.add_argument("--runs", type=int, default=2, help="runs per tool; the best is reported (default 2)")
     p.add_argument("--skip-xet", action="store_true", help="leave out the Xet section")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/model-agent-bench"),
@@ -58,12 +60,13 @@ def _timed(what: str, fn, *args, **kwargs):
 
 def make_models(args: argparse.Namespace, work: Path) -> dict:
     """Both models' files and their independently computed sha256s (same seed = same bytes on every run)."""
-    # both models have 2 shards: peak RSS depends on how many files are in flight, so only the
-    # size may differ between them for the RSS-vs-size comparison to mean anything
-    shard = int(args.size_gib * GIB / 2) // MIB * MIB
-    small_shard = args.small_mib // 2 * MIB
-    main = _timed("generate main model", make_model, work / "src-main", large_files=2, large_size=shard, small_files=5)
-    small = _timed("generate small model", make_model, work / "src-small", large_files=2,
+    # both models have the same number of shards: peak RSS depends on how many files are in flight,
+    # so only the size may differ between them for the RSS-vs-size comparison to mean anything
+    n = args.shards
+    shard = int(args.size_gib * GIB / n) // MIB * MIB
+    small_shard = args.small_mib // n * MIB
+    main = _timed("generate main model", make_model, work / "src-main", large_files=n, large_size=shard, small_files=5)
+    small = _timed("generate small model", make_model, work / "src-small", large_files=n,
                    large_size=small_shard, small_files=5, seed=1)
     return {"main": main, "small": small, "shard": shard, "small_shard": small_shard,
             "main_hashes": _timed("sha256 of main model (bench's own)", expected_hashes, main),
@@ -123,7 +126,7 @@ def xet_section(args: argparse.Namespace, work: Path, models: dict) -> dict:
 def render(args: argparse.Namespace, models: dict, http: dict, xet: dict | None, command: str, env: dict) -> str:
     main_bytes, small_bytes = _nbytes(models["main_hashes"]), _nbytes(models["small_hashes"])
     main_sum = _summaries(http["main"], main_bytes)
-    shard_name, small_name = _shards(models["shard"]), _shards(models["small_shard"])
+    shard_name, small_name = _shards(args.shards, models["shard"]), _shards(args.shards, models["small_shard"])
     parts = [envinfo.preamble(command, env, args.work_dir),
              f"## Main: {shard_name} safetensors + 5 small files ({main_bytes / MIB:.0f} MiB), "
              f"best of {args.runs} runs", "",
@@ -136,8 +139,8 @@ def render(args: argparse.Namespace, models: dict, http: dict, xet: dict | None,
     return "\n".join(parts)
 
 
-def _shards(size: int) -> str:
-    return f"2 x {size / GIB:g} GiB" if size >= GIB else f"2 x {size // MIB} MiB"
+def _shards(n: int, size: int) -> str:
+    return f"{n} x {size / GIB:g} GiB" if size >= GIB else f"{n} x {size // MIB} MiB"
 
 
 def _xet_part(args: argparse.Namespace, xet: dict | None, small_bytes: int, small_name: str) -> list[str]:
@@ -151,8 +154,13 @@ def _xet_part(args: argparse.Namespace, xet: dict | None, small_bytes: int, smal
             envinfo.xet_notes(served.get("agent-xet", 0), served.get("hf", 0)), ""]
 
 
-def write_outputs(markdown: str, raw: dict) -> Path:
-    (BENCH / "results.md").write_text(markdown)
+def results_file(args: argparse.Namespace) -> Path:
+    """bench/results.md for the default 2 shards; another shard count keeps its own file."""
+    return BENCH / ("results.md" if args.shards == 2 else f"results-{args.shards}-shards.md")
+
+
+def write_outputs(markdown: str, raw: dict, results: Path) -> Path:
+    results.write_text(markdown)
     out_dir = BENCH / "out"
     out_dir.mkdir(exist_ok=True)
     path = out_dir / time.strftime("results-%Y%m%d-%H%M%S.json")
@@ -177,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         markdown += f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s.\n"
         raw = {"args": vars(args), "env": env, "rss_floor_mib": models["floor_mib"],
                "sha256": {k: models[k] for k in ("main_hashes", "small_hashes")}, "http": http, "xet": xet}
-        path = write_outputs(markdown, raw)  # before printing: a closed stdout must not lose the results
+        path = write_outputs(markdown, raw, results_file(args))  # before printing: a closed stdout must not lose them
         print("\n" + markdown)
-        print(f"wrote {BENCH / 'results.md'} and {path}")
+        print(f"wrote {results_file(args)} and {path}")
     finally:
         if not args.keep:  # several GB: never leave them behind, not even after a failure or ^C
             shutil.rmtree(work, ignore_errors=True)

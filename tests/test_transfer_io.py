@@ -134,6 +134,32 @@ def test_small_files_and_file_order_checksums_stay_on_the_page_cache(tmp_path, s
     assert reader.direct_seen and not any(reader.direct_seen)
 
 
+def test_file_order_checksums_take_o_direct_when_each_file_is_fetched_in_order(tmp_path):
+    """As many large files as workers: a file's next range starts after its previous one landed, so
+    sha256 is hashed from memory as the bytes arrive, and the page cache has nothing to offer."""
+    files = {f"model-{i}.safetensors": os.urandom(3 * MiB + i) for i in range(2)}
+    reader = MultiReader(files)
+    jobs = [FileJob(RemoteFile(path=name, size=len(data), etag=f"e{i}" * 4,
+                               checksums={"sha256": hashlib.sha256(data).hexdigest()}),
+                    tmp_path / "out" / name, tmp_path / "partial") for i, (name, data) in enumerate(files.items())]
+    before = bytes_read()
+    Transfer(reader, Quiet(), workers=1, chunk_size=MiB, policy=RetryPolicy(1, 0.0), direct_io=True).run(jobs)
+    assert bytes_read() - before < 256 * 1024
+    assert all((tmp_path / "out" / name).read_bytes() == data for name, data in files.items())
+    assert any(reader.direct_seen)  # each temp file: its buffered descriptor and an O_DIRECT one
+
+
+class MultiReader(RangeReader):
+    name = "memory"
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.direct_seen = files, []
+
+    def read_range(self, file, start, end):
+        self.direct_seen += direct_fds_on(".incomplete")
+        yield self.files[file.path][start:end]
+
+
 def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path):
     """Some file systems accept O_DIRECT at open and refuse it at write (EINVAL). A misaligned
     buffer draws the same EINVAL from this kernel, for real."""
