@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--stall-timeout", help="give up on a connection silent this long, then retry (default 60s)")
     pull.add_argument("--chunk-size", help="size of the parallel ranges of a large file (default 64Mi)")
     pull.add_argument("--direct-io", choices=("auto", "on", "off"),
-                      help="write large files past the page cache (O_DIRECT); auto: on ext4, xfs, btrfs")
+                      help="write large files past the page cache (O_DIRECT); auto: on ext4, xfs, btrfs; on: any file system")
     pull.add_argument("--disk-margin", help="free space to keep beyond the download (default 256Mi)")
     pull.add_argument("--lock-timeout", help="give up (exit 8) if another writer holds the model this long (default: wait)")
     pull.add_argument("--lease-ttl", help="a writer silent this long is presumed dead (default 60s)")
