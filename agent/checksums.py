@@ -50,7 +50,7 @@ class _Composite:
 
     def __init__(self, base: str, expected: str):
         self.base = base
-        self.part_size = max(1, int(expected.rpartition(":")[2] or 1))
+        self.part_size = max(1, _part_size(expected))
         self._part = _hasher(base, 0)
         self._in_part = 0
         self._digests: list[bytes] = []
@@ -72,6 +72,11 @@ class _Composite:
 
     def hexdigest(self) -> str:
         return _composite_hex(self.base, self.parts(), self.part_size)
+
+
+def _part_size(expected: str) -> int:
+    """The part size of a composite checksum's expected value "HEX-PARTS:PART_SIZE" (0 if absent)."""
+    return int(expected.rpartition(":")[2] or 0)
 
 
 def _composite_hex(base: str, parts: list[bytes], part_size: int) -> str:
@@ -231,7 +236,7 @@ def _combinable(algo: str, expected: str, range_size: int) -> bool:
     if algo in _POLYS:
         return True
     if algo in COMPOSITE:  # parts must not straddle two ranges: each range then starts a part
-        part = int(expected.rpartition(":")[2] or 0)
+        part = _part_size(expected)
         return part > 0 and range_size % part == 0
     return False  # sha256, md5, git_sha1: their state cannot be combined, only fed in order
 
@@ -255,7 +260,6 @@ class RangeDigests:
 
     def __init__(self, size: int, expected: dict[str, str], range_size: int):
         self.size = size
-        self.range_size = range_size
         self.expected = chosen(expected)
         count = max(1, -(-size // range_size))
         self.hashers = [{a: _hasher(a, 0, v) for a, v in self.expected.items()} for _ in range(count)]

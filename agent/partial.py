@@ -101,13 +101,9 @@ class PartialFile:
         if self.direct_refused:
             return False
         try:
-            while view:
-                n = os.pwrite(self.direct_fd, view, pos)
-                view, pos = view[n:], pos + n
+            write_all(self.direct_fd, view, pos)  # a full disk is DiskFull there, as for buffered writes
             return True
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(f"no space left while writing at offset {pos}") from None
             if exc.errno != errno.EINVAL:
                 raise
         # Accepted at open, refused at write (some network file systems): the page cache from now on.

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from objstore.helpers import FAST, agent, assert_hf_snapshot, assert_local_dir, content_id, env_for, hf_loads_offline, popen, summary
+from objstore.helpers import (FAST, agent, assert_hf_snapshot, assert_local_dir, content_id, env_for, hf_loads_offline, popen,
+                              send_json, summary)
 from objstore.proxy import FaultProxy
 from objstore.servers import FakeGcs
 
@@ -150,12 +151,7 @@ def test_credentials_google_refuses_are_exit_3_and_never_printed(tmp_path):
     class TokenEndpoint(BaseHTTPRequestHandler):
         def do_POST(self):
             asked.append(self.rfile.read(int(self.headers["Content-Length"])))
-            body = json.dumps({"error": "invalid_grant", "error_description": "Invalid JWT Signature."}).encode()
-            self.send_response(400)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, 400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."})
 
         def log_message(self, *args):
             pass

@@ -14,6 +14,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from objstore.helpers import send_json
+
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 
 
@@ -42,13 +44,8 @@ class TokenEndpoint:
                     self.send_response(401)
                     self.end_headers()
                     return
-                body = json.dumps({"access_token": jwt(outer.audience), "expires_on": str(int(time.time()) + 3600),
-                                   "resource": "https://storage.azure.com", "token_type": "Bearer"}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                send_json(self, 200, {"access_token": jwt(outer.audience), "expires_on": str(int(time.time()) + 3600),
+                                      "resource": "https://storage.azure.com", "token_type": "Bearer"})
 
             def log_message(self, *args):
                 pass

@@ -94,3 +94,13 @@ def hf_loads_offline(cache: Path, repo: str) -> str:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
+
+
+def send_json(handler, status: int, payload: dict) -> None:
+    """Answer an http.server request with a JSON body (the tests' small token endpoints)."""
+    body = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
