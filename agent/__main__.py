@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import signal
 import sys
@@ -12,7 +11,7 @@ from typing import Sequence
 
 from . import __version__
 from .config import Settings, build_settings
-from .errors import AgentError
+from .errors import AgentError, from_oserror
 from .log import Logger, add_secret, redact
 
 EPILOG = """exit codes: 0 done, 1 internal error, 2 invalid input, 3 auth refused, 4 not found,
@@ -142,16 +141,10 @@ def run(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) ->
         logger.error(exc.kind, redact(str(exc)), exit_code=exc.exit_code)
         return exc.exit_code
     except OSError as exc:
-        # Filesystem trouble outside a transfer (records, links, sidecars) still has a meaning.
-        where = f" ({exc.filename})" if exc.filename else ""
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            logger.error("disk_full", f"no space left on the cache volume{where}", exit_code=6)
-            return 6
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            logger.error("invalid_input", f"cannot write to the cache volume{where}: {exc.strerror}", exit_code=2)
-            return 2
-        logger.error("internal", redact(f"internal error: {type(exc).__name__}: {exc}"), exit_code=1)
-        return 1
+        # File-system trouble outside a transfer (records, links, sidecars) still has a meaning.
+        err = from_oserror(exc, f"model-agent {args.command}")
+        logger.error(err.kind, redact(str(err)), exit_code=err.exit_code)
+        return err.exit_code
     except KeyboardInterrupt:
         logger.error("interrupted", "interrupted; partial files are kept and the next pull resumes them")
         return 130

@@ -1,7 +1,12 @@
-"""A read-only census of an HF cache: repos, snapshots, refs, readiness, sizes, last use, leases.
+"""A census of an HF cache: repos, snapshots, refs, readiness, sizes, last use; and the use record.
 
 `list` prints it; `gc` decides from it. Sizes count each blob once per repo, because snapshots of
 one repo share blobs and deleting a snapshot frees only what no other snapshot links.
+
+Last use is `.model-agent/<commit>.used`, rewritten when a pull finds or makes the snapshot ready,
+when `wait` sees it ready, and each sync round that declares it; else the ready marker. Its mtime is
+stamped by the file server, like every other mtime GC compares it with. Access times are not used:
+under relatime they move once a day, under noatime never, and `verify` moves them.
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .layout import HubCacheLayout
-from .lockfile import is_ready
+from .layout import HubCacheLayout, atomic_write
+from .lockfile import is_ready, read_lock
 
 _PREFIXES = {"models": "model", "datasets": "dataset"}
 
@@ -23,6 +28,7 @@ class Snapshot:
     ready: bool
     blobs: dict[str, int] = field(default_factory=dict)  # blob name -> size
     last_used: float = 0.0
+    requested: str | None = None  # the revision its lockfile says was asked for; None: not written by us
 
     @property
     def size(self) -> int:
@@ -36,7 +42,6 @@ class Repo:
     repo_id: str
     refs: dict[str, str] = field(default_factory=dict)  # revision -> commit
     snapshots: dict[str, Snapshot] = field(default_factory=dict)
-    lease_age: float | None = None  # seconds since the lease file last changed; None: no lease
 
     @property
     def layout(self) -> HubCacheLayout:
@@ -72,12 +77,36 @@ def _read_refs(refs_dir: Path) -> dict[str, str]:
     return refs
 
 
-def _scan_snapshot(repo_dir: Path, layout: HubCacheLayout, commit: str) -> Snapshot:
-    snap = Snapshot(commit=commit, ready=is_ready(layout.ready_path(commit), commit))
+def used_path(layout: HubCacheLayout, commit: str) -> Path:
+    return layout.records / f"{commit}.used"
+
+
+def record_use(layout, commit: str) -> None:
+    """Note that `commit` was just wanted (pulled, found ready, waited for, declared): LRU reads it.
+
+    Best effort: a read-only mount (EROFS), a consumer without write access (EACCES) or a full disk
+    must never fail the pull or the wait that noticed the use."""
+    if not isinstance(layout, HubCacheLayout) or not layout.records.is_dir():
+        return  # not ours to judge, or gone: never recreate a folder GC just removed
     try:
-        snap.last_used = layout.ready_path(commit).stat().st_mtime
+        atomic_write(used_path(layout, commit), time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()).encode())
     except OSError:
         pass
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _scan_snapshot(repo_dir: Path, layout: HubCacheLayout, commit: str) -> Snapshot:
+    snap = Snapshot(commit=commit, ready=is_ready(layout.ready_path(commit), commit))
+    snap.last_used = max(_mtime(used_path(layout, commit)), _mtime(layout.ready_path(commit)))
+    lock = read_lock(layout.lock_path(commit))
+    if lock is not None and lock.get("commit") == commit and isinstance(lock.get("revision"), str):
+        snap.requested = lock["revision"]
     for dirpath, _, names in os.walk(repo_dir / "snapshots" / commit):
         for name in names:
             link = Path(dirpath) / name
@@ -90,29 +119,23 @@ def _scan_snapshot(repo_dir: Path, layout: HubCacheLayout, commit: str) -> Snaps
                 continue
             if blob_name:
                 snap.blobs[blob_name] = st.st_size
-            # atime is coarse (relatime) but it is the only trace a read-only consumer leaves.
-            snap.last_used = max(snap.last_used, st.st_atime)
     return snap
 
 
-def scan(cache_dir: Path, now: float | None = None) -> list[Repo]:
-    now = time.time() if now is None else now
-    repos: list[Repo] = []
+def scan_repo(folder: Path) -> Repo | None:
+    """One repo folder as it is now (GC re-reads it under the lease, right before a removal)."""
+    parsed = _parse_folder(folder.name)
+    if parsed is None or not folder.is_dir():
+        return None
+    repo = Repo(folder=folder, repo_type=parsed[0], repo_id=parsed[1], refs=_read_refs(folder / "refs"))
+    snaps_dir = folder / "snapshots"
+    if snaps_dir.is_dir():
+        for commit_dir in sorted(snaps_dir.iterdir()):
+            repo.snapshots[commit_dir.name] = _scan_snapshot(folder, repo.layout, commit_dir.name)
+    return repo
+
+
+def scan(cache_dir: Path) -> list[Repo]:
     if not cache_dir.is_dir():
-        return repos
-    for folder in sorted(cache_dir.iterdir()):
-        parsed = _parse_folder(folder.name)
-        if parsed is None or not folder.is_dir():
-            continue
-        repo = Repo(folder=folder, repo_type=parsed[0], repo_id=parsed[1], refs=_read_refs(folder / "refs"))
-        layout = repo.layout
-        snaps_dir = folder / "snapshots"
-        if snaps_dir.is_dir():
-            for commit_dir in sorted(snaps_dir.iterdir()):
-                repo.snapshots[commit_dir.name] = _scan_snapshot(folder, layout, commit_dir.name)
-        try:
-            repo.lease_age = now - layout.lease_path().stat().st_mtime
-        except OSError:
-            repo.lease_age = None
-        repos.append(repo)
-    return repos
+        return []
+    return [repo for folder in sorted(cache_dir.iterdir()) if (repo := scan_repo(folder)) is not None]

@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .cache_index import record_use
 from .config import Settings
 from .inspect_cache import verify_snapshot, wait_ready
 from .log import Logger
@@ -50,6 +51,7 @@ def cmd_pull(args, settings: Settings, logger: Logger, env) -> int:
             metrics.finished(model, pull.revision, "", time.monotonic() - pull.started, exc.kind)
             raise
         metrics.finished(model, result.revision, result.commit, result.seconds, "success")
+        record_use(pull.layout, result.commit)  # LRU's last use (cache_index.py)
         return result
 
     result = _with_metrics(settings, logger, model, go, source_label=ref.scheme)
@@ -76,6 +78,7 @@ def cmd_wait(args, settings: Settings, logger: Logger, env) -> int:
         commit = wait_ready(layout, revision, timeout=settings.wait_timeout, poll=settings.poll_interval,
                             logger=logger, model=model)
         metrics.mark_ready(model, revision, commit)
+        record_use(layout, commit)  # LRU's last use; ignored on a read-only mount
     finally:
         metrics.close()
     return 0
@@ -136,7 +139,8 @@ def _pull_config(args, settings: Settings, logger: Logger) -> int:
     from .sync import Syncer
 
     def go(metrics) -> int:
-        syncer = Syncer(Path(args.config), settings, logger, metrics)
+        # Never GC: the volume may hold other teams' snapshots this file knows nothing about.
+        syncer = Syncer(Path(args.config), settings, logger, metrics, collect_garbage=False)
         result = syncer.round()
         for r in result.results.values():
             _summary(logger, r)
@@ -165,10 +169,8 @@ def _keep_and_budget(args, settings: Settings):
 
     mf = load(Path(args.config)) if args.config else None
     cache = settings.cache_dir if settings.cache_dir_explicit or mf is None or mf.cache_dir is None else mf.cache_dir
-    if mf is not None:
-        keep = keep_for(mf, settings)
-    else:  # no declared list: whatever a ref points at is wanted
-        keep = gc.Keep({(r.repo_type, r.repo_id): set(r.refs) for r in gc.scan(cache)}, set())
+    # No declared list: each snapshot's lockfile says whether it is still wanted (gc.py, `Keep.listed`).
+    keep = keep_for(mf, settings) if mf is not None else gc.Keep({}, set(), listed=False)
     return cache, keep, mf
 
 
@@ -179,20 +181,20 @@ def cmd_gc(args, settings: Settings, logger: Logger, env) -> int:
     cache, keep, mf = _keep_and_budget(args, settings)
     if args.max_bytes:
         limit = parse_size(args.max_bytes, what="--max-bytes")
-        victims, freed, used = gc.collect(cache, keep, high=limit, low=limit, by_volume=False,
-                                          lease_ttl=settings.lease_ttl, dry_run=args.dry_run)
-    elif mf is not None:
+        budget = dict(high=limit, low=limit, by_volume=False)
+    elif mf is not None and cache.is_dir():
         high, low, by_volume = mf.limits(cache)
-        victims, freed, used = gc.collect(cache, keep, high=high, low=low, by_volume=by_volume,
-                                          lease_ttl=settings.lease_ttl, dry_run=args.dry_run)
+        budget = dict(high=high, low=low, by_volume=by_volume)
     else:
-        victims, freed, used = gc.collect(cache, keep, high=0, low=0, by_volume=False, lease_ttl=settings.lease_ttl,
-                                          dry_run=args.dry_run, force=True)
+        budget = dict(high=0, low=0, by_volume=False, force=True)
+    out = gc.collect(cache, keep, lease_ttl=settings.lease_ttl, dry_run=args.dry_run, **budget)
     verb = "would remove" if args.dry_run else "removed"
-    for v in victims:
+    for repo_id, why in out.skipped:  # on stderr, like every log line: stdout lists what goes
+        logger.info("gc_skipped", f"left {repo_id} alone: {why}" if logger.fmt != "json" else "", model=repo_id, reason=why)
+    for v in out.victims:
         print(f"{verb} {v.repo.repo_id}@{v.snapshot.commit} ({v.reason}; last used "
               f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(v.snapshot.last_used))}): {human_bytes(v.frees)}")
-    print(f"{verb} {len(victims)} snapshots, {human_bytes(freed)} (cache was {human_bytes(used)})")
+    print(f"{verb} {len(out.victims)} snapshots, {human_bytes(out.freed)} (cache was {human_bytes(out.used)})")
     return 0
 
 

@@ -15,6 +15,7 @@ from .errors import InvalidInput
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 ENGINES = ("auto", "xet", "hf_transfer", "http")
+FILE_DEFAULTS = ("engine", "workers")  # options a models file may set for all its models
 
 
 def parse_duration(text: str | float | int, *, what: str) -> float:
@@ -87,6 +88,7 @@ def _truthy(value: str | None) -> bool:
 class Settings:
     cache_dir: Path
     cache_dir_explicit: bool = False  # from a flag or env var: wins over a models file's cache_dir
+    explicit: frozenset[str] = frozenset()  # of FILE_DEFAULTS, those a flag or MODEL_AGENT_* set: they win too
     local_dir: Path | None = None
     repo_id: str | None = None
     revision: str | None = None
@@ -131,6 +133,15 @@ def _direct_io(value: str) -> str:
     return value
 
 
+def _revision(value: Any) -> str | None:
+    """--revision names refs/<revision> on disk: refuse what git would refuse (`.`, `a..b`, `x.lock`)."""
+    if value is None:
+        return None
+    from .sources.huggingface import check_revision
+
+    return check_revision(str(value))
+
+
 def env_option(env: Mapping[str, str], name: str) -> str | None:
     """MODEL_AGENT_<OPTION>: `--stall-timeout` reads MODEL_AGENT_STALL_TIMEOUT."""
     return env.get("MODEL_AGENT_" + name.upper().replace("-", "_"))
@@ -169,10 +180,11 @@ def build_settings(opts: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     return Settings(
         cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir(env),
         cache_dir_explicit=bool(cache_dir or env.get("HF_HUB_CACHE") or env.get("HF_HOME")),
+        explicit=frozenset(name for name in FILE_DEFAULTS if pick(name) is not None),
         interval=parse_duration(pick("interval"), what="--interval") if pick("interval") is not None else None,
         local_dir=Path(local_dir).expanduser().absolute() if local_dir else None,
         repo_id=pick("repo_id"),
-        revision=pick("revision"),
+        revision=_revision(pick("revision")),
         include=globs("include"),
         exclude=globs("exclude"),
         engine=engine,

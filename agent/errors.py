@@ -6,6 +6,8 @@ with a one-line message that names the source, revision and path involved, never
 
 from __future__ import annotations
 
+import errno
+
 
 class AgentError(Exception):
     """Base class: an unexpected internal error unless a subclass says otherwise."""
@@ -78,3 +80,15 @@ class Retryable(Exception):
         super().__init__(message)
         self.reason = reason
         self.retry_after = retry_after
+
+
+def from_oserror(exc: OSError, what: str) -> AgentError:
+    """The contract's meaning of a file-system error met outside a transfer (records, links, leases):
+    no space is exit 6; a volume we may not write is exit 2, a mount or permission to fix, not
+    something a retry cures; anything else is unexpected, exit 1."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"{what}: no space left on the cache volume{where}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return InvalidInput(f"{what}: cannot write to the cache volume{where}: {exc.strerror}")
+    return AgentError(f"{what}: {type(exc).__name__}: {exc.strerror or exc}{where}")

@@ -1,8 +1,13 @@
 """Ranged HTTP GETs over one shared urllib3 pool, with every status given a meaning.
 
 Resume follows pip's rules: ask with `Range` plus `If-Range: <etag>`; a 200 to a ranged request
-means the server ignored the range (or the entity changed) and the caller must start over; a 206
-whose `Content-Range` does not start where we asked is an error, never silently appended.
+means the server ignored the range (or the entity changed): the reader raises `RangesIgnored` and
+the transfer takes that file as one stream from byte 0; a 206 whose `Content-Range` does not start
+where we asked is an error, never silently appended.
+
+A connection goes back to the pool only after its body was read to the end: one with body bytes
+still on the way (a consumer that stopped early, an error) is closed, or the next request on it
+would read those bytes as its status line.
 """
 
 from __future__ import annotations
@@ -116,19 +121,14 @@ def stream_body(resp: urllib3.BaseHTTPResponse, what: str) -> Iterator[memoryvie
     except (Urllib3Error, OSError) as exc:
         raise Retryable("connection", f"{what}: connection error ({type(exc).__name__})") from exc
     finally:
-        resp.release_conn()
+        settle(resp)
 
 
-def skip_to(pieces: Iterator[memoryview], start: int, end: int) -> Iterator[memoryview]:
-    """From a body that starts at byte 0, yield only the bytes [start, end)."""
-    pos = 0
-    for piece in pieces:
-        lo, hi = max(start - pos, 0), min(end - pos, len(piece))
-        if lo < hi:
-            yield piece[lo:hi]
-        pos += len(piece)
-        if pos >= end:
-            return
+def settle(resp: urllib3.BaseHTTPResponse) -> None:
+    """Give the connection back to the pool if its body was read to the end, else close it."""
+    if not resp.isclosed():
+        resp.close()  # the pool opens a fresh connection in its place
+    resp.release_conn()
 
 
 def request(pools: Pools, method: str, url: str, headers: dict, what: str) -> urllib3.BaseHTTPResponse:
@@ -142,8 +142,9 @@ def request(pools: Pools, method: str, url: str, headers: dict, what: str) -> ur
 
 
 def drain(resp: urllib3.BaseHTTPResponse) -> None:
+    """Read a small unwanted body (a redirect's, an error's) so its connection can be reused."""
     try:
         resp.drain_conn()
     except Exception:  # noqa: BLE001 - a broken connection is simply not reused
         pass
-    resp.release_conn()
+    settle(resp)

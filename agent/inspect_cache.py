@@ -54,12 +54,14 @@ def _writer(layout) -> dict:
     return {k: owner.get(k) for k in ("host", "pid", "started_at")} if isinstance(owner, dict) else {}
 
 
-def _expected(entry: dict, hub_layout: bool) -> dict[str, str]:
+def _expected(entry: dict, hub_source: bool) -> dict[str, str]:
     if entry.get("sha256"):
         return {"sha256": entry["sha256"]}
     etag = entry.get("etag") or ""
-    if hub_layout and COMMIT_SHA.match(etag):
-        return {"git_sha1": etag}  # a non-LFS Hub file: its blob id is git's hash of it
+    # A non-LFS Hub file: its blob id is git's hash of it, in either layout. Decided by the source,
+    # not by the etag's shape: an object store's etag could be 40 hex too.
+    if hub_source and COMMIT_SHA.match(etag):
+        return {"git_sha1": etag}
     # Object stores: whatever the pull was checked against (README "On disk": the lockfile fields).
     found = {"md5": entry.get("md5") or entry.get("content_md5") or ""}
     if entry.get("crc32c") and not entry.get("checksum_crc32c"):
@@ -82,10 +84,11 @@ def verify_snapshot(layout, revision: str, model: str) -> tuple[str, int, int]:
     if lock is None or lock.get("commit") != commit:
         raise NotFound(f"{model}@{commit[:12]}: no lockfile in the cache (never completed by model-agent)")
     hub = isinstance(layout, HubCacheLayout)
+    hub_source = str(lock.get("source", "")).startswith("hf://")
     problems, total = [], 0
     for entry in lock["files"]:
         path = (layout.snapshot_dir(commit) if hub else layout.root) / entry["path"]
-        bad = checksums.mismatches(Path(path), int(entry["size"]), _expected(entry, hub))
+        bad = checksums.mismatches(Path(path), int(entry["size"]), _expected(entry, hub_source))
         total += int(entry["size"])
         if bad:
             problems.append(f"{entry['path']}: {', '.join(bad)}")

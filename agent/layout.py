@@ -53,6 +53,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_dirs(folders, *, top: Path) -> None:
+    """fsync each folder and every folder above it up to `top`, once each, deepest first.
+
+    For what a commit creates without fsyncing it one by one (snapshot links, duplicate copies, and
+    the folders made for them): btrfs does not order such entries through its journal, so they are
+    made durable here before a lockfile or marker vouches for them.
+    """
+    todo: set[Path] = set()
+    for folder in folders:
+        while folder not in todo:
+            todo.add(folder)
+            if top not in folder.parents:
+                break  # `top` itself, or a folder outside it: nothing above to fsync
+            folder = folder.parent
+    for folder in sorted(todo, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(folder)
+
+
 def temp_name(final: Path, suffix: str = "tmp") -> Path:
     """A per-process name next to `final`: a broken lock can never make two writers share it."""
     return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{suffix}")
@@ -152,8 +170,11 @@ class HubCacheLayout:
         except OSError:
             return None
 
-    def link_file(self, commit: str, relpath: str, etag: str) -> None:
-        relative_symlink(self.final_path(etag, relpath), self.snapshot_dir(commit) / relpath)
+    def link_file(self, commit: str, relpath: str, etag: str) -> Path:
+        """Link the snapshot's `relpath` to its blob; returns the folder to fsync before the lockfile."""
+        link = self.snapshot_dir(commit) / relpath
+        relative_symlink(self.final_path(etag, relpath), link)
+        return link.parent
 
     def write_ref(self, revision: str, commit: str) -> None:
         # Written only when it changes: a read-only consumer of an up-to-date cache never writes.
@@ -196,7 +217,7 @@ class LocalDirLayout:
         except OSError:
             return None
 
-    def link_file(self, commit: str, relpath: str, etag: str) -> None:
+    def link_file(self, commit: str, relpath: str, etag: str) -> Path | None:
         return None  # the file already sits at its final path
 
     def write_ref(self, revision: str, commit: str) -> None:

@@ -5,8 +5,16 @@ holding its owner and a heartbeat counter. The holder rewrites it every `ttl/4` 
 never compares clocks across hosts: it watches the file's content, and when that has not changed
 for `ttl` seconds of the waiter's own monotonic clock, the holder is presumed dead and the lease
 is taken over. Takeover re-checks the content just before replacing it and confirms ownership
-after a short pause; the tiny window that remains is harmless because every writer only ever
-writes its own temp files and promotes verified, content-addressed results.
+after a short pause.
+
+A holder fences itself: it counts the lease as its own only until `ttl * FENCE_FRACTION` after its
+last confirmed renewal, by its own clock, and the transfer asks `check()` before every write. A
+writer paused past that (SIGSTOP, a VM pause, an NFS partition) finds, when it wakes, that it may no
+longer write, before a waiter could have taken over. The heartbeat survives transient errors (EIO,
+ESTALE, a refused write): it keeps trying, and the fence decides when the lease counts as lost.
+What remains, a write already past its check when the writer froze, cannot reach a blob: a new
+holder copies a dead writer's partial instead of taking the file the old one may still hold open
+(agent/partial.py).
 """
 
 from __future__ import annotations
@@ -21,7 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .errors import TransientError
 from .layout import atomic_write
+
+# Stop writing this far into the TTL without a confirmed renewal: a waiter takes over only after a
+# full TTL without change on its own clock, so the holder stops first, with room for clock drift.
+FENCE_FRACTION = 0.75
+
+
+def _now() -> float:
+    """Seconds on a clock that keeps running while the machine is suspended (a paused VM's
+    CLOCK_MONOTONIC stops; a waiter's does not)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
+class LeaseLost(TransientError):
+    """This writer's lease was taken over or could not be renewed in time: it must stop writing."""
 
 
 @dataclass
@@ -43,7 +66,8 @@ def _read(path: Path) -> LeaseInfo | None:
 
 
 class Lease:
-    def __init__(self, path: Path, *, ttl: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, path: Path, *, ttl: float = 60.0, clock: Callable[[], float] = _now,
+                 on_error: Callable[[str], None] | None = None):
         self.path = path
         self.ttl = ttl
         self.clock = clock
@@ -51,7 +75,10 @@ class Lease:
         self._beat = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.lost = False
+        self.lost: str | None = None  # why this holder may no longer write, once it may not
+        self.renewed_at = clock()
+        self._renew_lock = threading.Lock()
+        self.on_error = on_error or (lambda message: None)
 
     def _content(self) -> bytes:
         self._beat += 1
@@ -76,6 +103,7 @@ class Lease:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self.renewed_at = self.clock()
         return True
 
     def take_over(self, stale: LeaseInfo, confirm_delay: float = 0.2) -> bool:
@@ -86,6 +114,7 @@ class Lease:
         if current.raw != stale.raw:
             return False  # it moved: the holder is alive after all, or someone else took it
         atomic_write(self.path, self._content())
+        self.renewed_at = self.clock()
         time.sleep(confirm_delay)
         return self.owned()
 
@@ -98,18 +127,57 @@ class Lease:
         self._thread.start()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
+        failing = False
+        while not self._stop.wait(self.ttl / 4) and self.lost is None:
+            try:
+                self._renew()
+                failing = False
+            except OSError as exc:  # EIO, ESTALE, a full or read-only volume: try again next beat
+                if not failing:
+                    self.on_error(f"cannot renew the writer lease {self.path}: {type(exc).__name__} "
+                                  f"[errno {exc.errno}]; retrying")
+                failing = True
+                self._give_up_if_overdue(f"{type(exc).__name__} [errno {exc.errno}]")
+
+    def _renew(self, only_if_overdue: bool = False) -> None:
+        with self._renew_lock:
+            if self.lost is not None or (only_if_overdue and not self._overdue()):
+                return  # lost already, or another thread renewed while this one waited
             if not self.owned():
-                self.lost = True  # keep going: our temp files keep us safe, but say so in the summary
+                self.lost = "another writer took the lease over"
                 return
             atomic_write(self.path, self._content())
+            self.renewed_at = self.clock()
+
+    def _overdue(self) -> bool:
+        return self.clock() - self.renewed_at > self.ttl * FENCE_FRACTION
+
+    def _give_up_if_overdue(self, why: str) -> None:
+        if self.lost is None and self._overdue():
+            self.lost = f"could not renew it for {self.clock() - self.renewed_at:.1f}s ({why})"
+
+    def check(self) -> None:
+        """Raise LeaseLost unless this holder may still write. Cheap: called before every write.
+
+        Overdue (the process was paused, or starved of the GIL): renew at once if the lease is still
+        ours; if another writer holds it now, or it cannot be written, the lease is lost."""
+        if self.lost is None and self._overdue():
+            try:
+                self._renew(only_if_overdue=True)
+            except OSError as exc:
+                self._give_up_if_overdue(f"{type(exc).__name__} [errno {exc.errno}]")
+        if self.lost is not None:
+            raise LeaseLost(f"lost the writer lease {self.path.parent.name}: {self.lost}")
 
     def release(self) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
-        if self.owned():
-            self.path.unlink(missing_ok=True)
+        try:
+            if self.owned():
+                self.path.unlink(missing_ok=True)
+        except OSError:
+            pass  # a waiter takes an unreleased lease over after its TTL
 
 
 class LeaseWatch:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .layout import atomic_write
+from .layout import atomic_write, fsync_dir
 
 SCHEMA = "model-agent.lock/v1"
 
@@ -82,3 +82,15 @@ def is_ready(path: Path, commit: str | None = None) -> bool:
 
 def clear_ready(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+def retire_snapshot(ready: Path, lock: Path) -> None:
+    """Make a snapshot vouch for nothing, durably, before any of its files is overwritten: the marker
+    first (readers stop trusting it), then the lockfile (the planner stops trusting its files)."""
+    if not (ready.exists() or lock.exists()):
+        return
+    clear_ready(ready)
+    lock.unlink(missing_ok=True)
+    fsync_dir(ready.parent)
+    if lock.parent != ready.parent:
+        fsync_dir(lock.parent)

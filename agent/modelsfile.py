@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .config import parse_duration, parse_size
+from .config import ENGINES, parse_duration, parse_size
 from .errors import InvalidInput
 
 _MODEL_KEYS = {"source", "revision", "include", "exclude", "repo_id", "pin", "engine", "local_dir"}
@@ -24,7 +24,8 @@ class ModelSpec:
     exclude: tuple[str, ...] = ()
     repo_id: str | None = None
     pin: bool = False
-    engine: str | None = None
+    engine: str | None = None  # wins over --engine: the most specific word on this model
+    local_dir: Path | None = None  # flat files there instead of the cache
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class ModelsFile:
     high_watermark: Watermark = field(default_factory=lambda: Watermark(percent=90))
     low_watermark: Watermark = field(default_factory=lambda: Watermark(percent=80))
     interval: float = 600.0
+    workers: int | None = None  # defaults for every model; --workers / --engine (or env) win
+    engine: str | None = None
 
     def limits(self, cache_dir: Path) -> tuple[int, int, bool]:
         """(high, low, by_volume) in bytes: percents are of the volume, sizes of the cache."""
@@ -76,6 +79,38 @@ def _strings(value: Any, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _engine(value: Any, what: str) -> str | None:
+    if value is not None and value not in ENGINES:
+        raise InvalidInput(f"{what}: engine {value!r}: expected one of {', '.join(ENGINES)}")
+    return value
+
+
+def _workers(value: Any, what: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256):
+        raise InvalidInput(f"{what}: workers {value!r}: expected a whole number 1..256")
+    return value
+
+
+def _local_dir(value: Any, what: str) -> Path | None:
+    if value is None:
+        return None
+    folder = Path(str(value)).expanduser()
+    if not isinstance(value, str) or not folder.is_absolute():
+        raise InvalidInput(f"{what}: local_dir {value!r}: expected an absolute path")
+    return folder
+
+
+def _revision(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    from .sources.huggingface import check_revision
+
+    try:
+        return check_revision(str(value))
+    except InvalidInput as exc:
+        raise InvalidInput(f"{what}: {exc}") from None
+
+
 def _model(entry: Any, index: int, path: Path) -> ModelSpec:
     what = f"{path}: models[{index}]"
     if isinstance(entry, str):
@@ -87,12 +122,13 @@ def _model(entry: Any, index: int, path: Path) -> ModelSpec:
         raise InvalidInput(f"{what}: unknown key(s) {', '.join(sorted(unknown))}")
     return ModelSpec(
         source=entry["source"],
-        revision=str(entry["revision"]) if entry.get("revision") is not None else None,
+        revision=_revision(entry.get("revision"), what),
         include=_strings(entry.get("include"), f"{what}.include"),
         exclude=_strings(entry.get("exclude"), f"{what}.exclude"),
         repo_id=entry.get("repo_id"),
         pin=bool(entry.get("pin", False)),
-        engine=entry.get("engine"),
+        engine=_engine(entry.get("engine"), what),
+        local_dir=_local_dir(entry.get("local_dir"), what),
     )
 
 
@@ -118,10 +154,15 @@ def load(path: Path) -> ModelsFile:
 
     for m in models:
         parse_source(m.source)  # a bad URI fails the whole file up front, not one round later
+    folders = [m.local_dir for m in models if m.local_dir is not None]
+    if len(set(folders)) != len(folders):
+        raise InvalidInput(f"--config {path}: two models share a local_dir: each needs its own folder")
     return ModelsFile(
         models=models,
         cache_dir=Path(data["cache_dir"]) if data.get("cache_dir") else None,
         high_watermark=high,
         low_watermark=low,
         interval=parse_duration(data.get("interval", "10m"), what=f"{path}: interval"),
+        workers=_workers(data.get("workers"), str(path)),
+        engine=_engine(data.get("engine"), str(path)),
     )

@@ -2,10 +2,14 @@
 got, and its digests.
 
 A small sidecar JSON next to the partial file records how many bytes of each range have landed,
-so a pull killed with SIGKILL continues from the bytes on disk. Partial files are named after the
-file's content key (its etag) plus an owner tag: a changed remote file has another key and can
-never be resumed into, and two writers never share a temp file. A large file may also hold an
-O_DIRECT descriptor (agent/directio.py), used by the transfer for aligned units.
+so a pull killed with SIGKILL continues from the bytes on disk. The partial is fdatasynced before
+each record, so after a node crash the record is never ahead of the data; a record that claims more
+than the file holds anyway is cut back to it. Partial files are named after the file's content key
+(its etag) plus an owner tag: a changed remote file has another key and can never be resumed into,
+and two writers never share a temp file. A new writer resumes a dead one's partial by copying its
+landed bytes, never by taking the file: the old writer may only be paused, with the file still open.
+A large file may also hold an O_DIRECT descriptor (agent/directio.py), used by the transfer for
+aligned units.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import checksums, directio
+from . import checksums, directio, resume
 from .errors import DiskFull
 from .sources.base import RemoteFile
 
@@ -69,8 +73,10 @@ class PartialFile:
         self.count = max(1, -(-job.file.size // self.chunk))
         self.done = [0] * self.count
         self.lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self.path = job.partial_dir / f"{job.file.etag}.ma-{os.getpid()}-{uuid.uuid4().hex[:8]}.incomplete"
         self.sidecar = self.path.with_name(self.path.name + ".json")
+        self.damaged: str | None = None  # the file holds less than the record says (a crash, a lying disk)
         # A file that lands within the first flush interval never needs a resume record.
         self._last_flush = time.monotonic()
         self.flushed = False
@@ -79,11 +85,11 @@ class PartialFile:
         self._settled = False
         self._settle_lock = threading.Lock()
         self._hash_lock = threading.Lock()
+        self.fd = -1
         if ranged:
             self._adopt(candidates)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if self.resumed_bytes == 0:
-            os.ftruncate(self.fd, 0)
+        if self.fd < 0:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         # Direct writes need aligned ranges; a record left by a buffered writer is rewound to them.
         self.direct_fd = directio.open_direct(self.path) if direct and self.chunk % directio.ALIGN == 0 else None
         self.direct_refused = False
@@ -123,58 +129,27 @@ class PartialFile:
         return {"etag": self.file.etag, "size": self.file.size, "chunk": self.chunk, "done": self.done}
 
     def _adopt(self, candidates: list[Path] | None) -> None:
-        """Take over the most complete partial a dead writer left for this same content."""
-        best: tuple[int, Path, list[int]] | None = None
+        """Continue the most complete partial an earlier writer left for this same content (see
+        agent/resume.py: another writer's bytes are copied, never its file taken)."""
         if candidates is None:
             candidates = list(self.job.partial_dir.glob(f"{self.file.etag}.ma-*.incomplete"))
-        for candidate in candidates:
-            try:
-                state = json.loads(candidate.with_name(candidate.name + ".json").read_text())
-            except (OSError, ValueError):
-                continue
-            if (state.get("etag"), state.get("size")) != (self.file.etag, self.file.size):
-                continue
-            try:
-                done = self._regrid(int(state["chunk"]), [int(d) for d in state["done"]])
-            except (KeyError, TypeError, ValueError):
-                continue
-            if best is None or sum(done) > best[0]:
-                best = (sum(done), candidate, done)
-        if best is None:
-            return
-        _, candidate, done = best
-        try:
-            # Renaming is the claim: if another writer got there first, this raises and we start fresh.
-            os.rename(candidate, self.path)
-        except OSError:
-            return
-        candidate.with_name(candidate.name + ".json").unlink(missing_ok=True)
-        self.done = done
-        self.resumed_bytes = sum(done)
-
-    def _regrid(self, old_chunk: int, old_done: list[int]) -> list[int]:
-        """Map a record made with another range size (another engine, another --chunk-size) onto
-        ours: each of our ranges keeps the landed bytes that run contiguously from its start."""
-        landed = [(i * old_chunk, i * old_chunk + max(0, d)) for i, d in enumerate(old_done) if d > 0]
-        done = []
-        for i in range(self.count):
-            start, end = self.bounds(i)
-            pos = start
-            moved = True
-            while moved and pos < end:
-                moved = False
-                for lo, hi in landed:
-                    if lo <= pos < hi:
-                        pos, moved = min(hi, end), True
-            done.append(pos - start)
-        return done
+        grid = resume.Grid(self.chunk, self.file.size)
+        for done, candidate in resume.ranked(candidates, self.file.etag, grid):
+            taken = resume.resume_into(candidate, self.path, done, grid)
+            if taken is not None:
+                self.fd, self.done = taken
+                self.resumed_bytes = sum(self.done)
+                return
 
     def advance(self, idx: int, n: int) -> None:
         with self.lock:
             self.done[idx] += n
             now = time.monotonic()
-            if now - self._last_flush >= SIDECAR_FLUSH_SECONDS:
-                self._flush_locked(now)
+            due = now - self._last_flush >= SIDECAR_FLUSH_SECONDS
+            if due:
+                self._last_flush = now
+        if due:
+            self._flush(blocking=False)  # a flush already running covers these bytes next time
 
     def _hashable_end(self) -> int:
         """End of the contiguous run of landed bytes that starts at byte 0."""
@@ -223,14 +198,17 @@ class PartialFile:
             landed = self.done[idx]
         self._read_back(start + self.digests.fed[idx], start + landed, lambda data: self.digests.update(idx, data))
 
-    def _read_back(self, pos: int, end: int, update: Callable) -> None:
+    def _read_back(self, pos: int, end: int, update: Callable) -> bool:
+        """Hash [pos, end) from disk; False (and the file marked damaged) if it ends before `end`."""
         buf = _hash_buffer()
         while pos < end:
             n = os.preadv(self.fd, [memoryview(buf)[: min(len(buf), end - pos)]], pos)
             if not n:
-                return
+                self.damaged = f"partial file ends at byte {pos}, its record says {end} landed"
+                return False
             update(memoryview(buf)[:n])
             pos += n
+        return True
 
     def hash_ahead(self, wait: bool = False) -> None:
         """Hash whatever has landed and is not hashed yet, from disk; `wait` for a busy hasher."""
@@ -243,7 +221,7 @@ class PartialFile:
         if not self._hash_lock.acquire(blocking=wait):
             return
         try:
-            while True:
+            while self.damaged is None:
                 end = self._hashable_end()
                 if end <= self.digests.fed:
                     return
@@ -271,8 +249,7 @@ class PartialFile:
             self._hash_lock.release()
 
     def flush(self) -> None:
-        with self.lock:
-            self._flush_locked(time.monotonic())
+        self._flush(blocking=True)
 
     def flush_quietly(self) -> None:
         """After a failure: keep the resume record exact for the next run, if the disk lets us."""
@@ -281,14 +258,25 @@ class PartialFile:
         except OSError:
             pass
 
-    def _flush_locked(self, now: float) -> None:
-        # Written after the bytes it describes, so after a kill it is never ahead of the data.
-        # No fsync: a process kill keeps the page cache, and a power cut is caught by verification.
-        tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
-        tmp.write_text(json.dumps(self._state()))
-        os.replace(tmp, self.sidecar)
-        self._last_flush = now
-        self.flushed = True
+    def _flush(self, blocking: bool) -> None:
+        """Write the resume record after the bytes it describes reach the disk (fdatasync), outside
+        the counters' lock so workers keep writing meanwhile. A node crash (NFS, a power cut) then
+        never leaves a record ahead of the data; the record itself needs no fsync: an old or missing
+        one only costs bytes fetched again."""
+        if not self._flush_lock.acquire(blocking=blocking):
+            return
+        try:
+            if self.closed:
+                return  # its record was written before it closed (or it is gone: verified or discarded)
+            with self.lock:
+                state = json.dumps(self._state())
+            os.fdatasync(self.fd)
+            tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
+            tmp.write_text(state)
+            os.replace(tmp, self.sidecar)
+            self.flushed = True
+        finally:
+            self._flush_lock.release()
 
     def reset(self) -> int:
         """Throw every byte away (bad checksum, or a server that ignores ranges); returns how many."""
@@ -297,29 +285,42 @@ class PartialFile:
             self.done = [0] * self.count
             self.digests = checksums.Digests(self.file.size, self.file.checksums)
             self._settled = False
+            self.damaged = None
             os.ftruncate(self.fd, 0)
-            self._flush_locked(time.monotonic())
-            return lost
+        self.flush()
+        return lost
+
+    def problems(self) -> list[str]:
+        """Why these bytes may not be promoted, if anything: digests, and a file shorter than its size."""
+        found = list(self.digests.problems())
+        if self.damaged:
+            found.append(self.damaged)
+        on_disk = os.fstat(self.fd).st_size
+        if on_disk < self.file.size:
+            found.append(f"partial file is {on_disk} bytes, {self.file.size} expected")
+        return found
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
 
     def close(self, keep: bool) -> None:
-        if self.direct_fd is not None:
-            os.close(self.direct_fd)
-            self.direct_fd = None
-        os.close(self.fd)
+        with self._flush_lock:  # never under a flush that is syncing this descriptor
+            if self.direct_fd is not None:
+                os.close(self.direct_fd)
+                self.direct_fd = None
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
         if not keep:
             self.path.unlink(missing_ok=True)
             self.sidecar.unlink(missing_ok=True)
 
+    def set_aside(self) -> None:
+        """After a failed run: record, close, and let a later run of this process take the file back."""
+        if self.closed:
+            return
+        self.flush_quietly()
+        self.close(keep=True)
+        resume.set_aside(self.path)
 
-def leftover_partials(folders: set[Path]) -> dict[tuple[Path, str], list[Path]]:
-    """Partial files dead writers left, by (folder, content key): one listing per folder, not per file."""
-    found: dict[tuple[Path, str], list[Path]] = {}
-    for folder in folders:
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
-            if ".ma-" in name and name.endswith(".incomplete"):
-                found.setdefault((folder, name.split(".", 1)[0]), []).append(folder / name)
-    return found

@@ -7,6 +7,7 @@ ready (sync mode relies on this to flip revisions atomically).
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from collections import Counter
@@ -17,11 +18,11 @@ from . import directio
 from .config import Settings
 from .errors import NotFound, TimedOut
 from .inspect_cache import ready_commit
-from .layout import HubCacheLayout, LocalDirLayout, temp_name
-from .lease import Lease, LeaseWatch
-from .lockfile import Lock, LockedFile, clear_ready, is_ready, read_lock, write_lock, write_ready
+from .layout import HubCacheLayout, LocalDirLayout, fsync_dirs, promote, temp_name
+from .lease import Lease, LeaseLost, LeaseWatch
+from .lockfile import Lock, LockedFile, is_ready, read_lock, retire_snapshot, write_lock, write_ready
 from .log import Logger
-from .plan import apply_globs, check_disk_space, make_plan, partial_bytes
+from .plan import apply_globs, check_disk_space, make_plan, resumable_credit
 from .progress import PullProgress
 from .retry import RetryPolicy
 from .sources.base import RemoteFile, Source, SourceRef, open_source
@@ -55,6 +56,7 @@ def snapshot_path(layout, commit: str) -> Path:
 
 
 PARTIAL_TTL = 24 * 3600.0  # a Hub partial of another revision, untouched this long, is garbage
+LEASE_ATTEMPTS = 3  # a writer that lost its lease waits for it again this many times before exit 7
 
 
 def sweep_partials(partial_dir: Path, done_etags: set[str], *, keep_others_for: float) -> int:
@@ -114,15 +116,26 @@ class Pull:
             return self._result(commit, already_ready=True)
         if self.settings.offline:
             raise NotFound(f"{self.ref.display()}@{commit[:12]}: HF_HUB_OFFLINE=1 and the snapshot is not ready in the cache")
-        self.progress.set_phase("waiting")
-        lease = self._acquire_lease(commit)
-        if lease is None:
-            self.layout.write_ref(self.revision, commit)
-            return self._result(commit, already_ready=True)
+        attempt = 0
         try:
-            return self._pull_locked(commit)
+            while True:
+                attempt += 1
+                self.progress.set_phase("waiting")
+                lease = self._acquire_lease(commit)
+                if lease is None:
+                    self.layout.write_ref(self.revision, commit)
+                    return self._result(commit, already_ready=True)
+                try:
+                    return self._pull_locked(commit, lease)
+                except LeaseLost as exc:
+                    if attempt == LEASE_ATTEMPTS:
+                        raise
+                    # Another writer may hold it now: wait for its marker or its lease, as any waiter.
+                    self.logger.warn("lease_lost", f"{self.model}: {exc}; stopped writing, waiting for the lease again",
+                                     model=self.model, attempt=attempt)
+                finally:
+                    lease.release()
         finally:
-            lease.release()
             self.progress.stop()
 
     def _ready_for_request(self, commit: str) -> bool:
@@ -136,16 +149,17 @@ class Pull:
     # -- the lease ------------------------------------------------------------------------------
     def _acquire_lease(self, commit: str) -> Lease | None:
         """Hold the per-model lease, or return None once another writer has made the snapshot ready."""
-        lease = Lease(self.layout.lease_path(), ttl=self.settings.lease_ttl)
+        lease = Lease(self.layout.lease_path(), ttl=self.settings.lease_ttl,
+                      on_error=lambda message: self.logger.warn("lease_renewal", message, model=self.model))
         watch = LeaseWatch(lease.path, self.settings.lease_ttl)
-        started, last_note = time.monotonic(), 0.0
+        started, last_note, failing_since = time.monotonic(), 0.0, []
         while True:
             if self._ready_for_request(commit):
                 return None
-            if lease.try_create():
+            if self._try(lease.try_create, failing_since):
                 break
             state, info = watch.poll()
-            if state == "stale" and info is not None and lease.take_over(info):
+            if state == "stale" and info is not None and self._try(lambda: lease.take_over(info), failing_since):
                 self.logger.warn("lease_takeover", f"took over a stale lease of {info.owner.get('host')}/{info.owner.get('pid')}",
                                  model=self.model, previous_owner=info.owner)
                 break
@@ -167,17 +181,39 @@ class Pull:
             return None
         return lease
 
+    def _try(self, grab, failing_since: list[float]) -> bool:
+        """One attempt at the lease. A volume that refuses the write for a moment (EIO, ESTALE, an
+        NFS blip) is waited out for one TTL; past that, or at once for a read-only or forbidden
+        volume, the error is raised and means what it means for any write (exit 2, 6 or 1)."""
+        try:
+            taken = grab()
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES):
+                raise
+            now = time.monotonic()
+            if not failing_since:
+                failing_since.append(now)
+                self.logger.warn("lease_renewal", f"{self.model}: cannot write the lease {self.layout.lease_path()}: "
+                                 f"{type(exc).__name__} [errno {exc.errno}]; retrying", model=self.model)
+            if now - failing_since[0] > self.settings.lease_ttl:
+                raise
+            return False
+        failing_since.clear()
+        return taken
+
     # -- steps 2 to 5 ---------------------------------------------------------------------------
-    def _pull_locked(self, commit: str) -> PullResult:
+    def _pull_locked(self, commit: str, lease: Lease) -> PullResult:
         what = f"{self.ref.display()}@{commit[:12]}"
         self.progress.set_phase("plan")
         files = apply_globs(self.source.list_files(commit), self.settings.include, self.settings.exclude, what)
-        if isinstance(self.layout, LocalDirLayout):
-            self._retire_old_local_snapshot(commit)
         plan = make_plan(files, self.layout, trust_blobs_by_etag=isinstance(self.layout, HubCacheLayout))
         partial_dir = self.layout.partial_dir()
-        resumable = partial_bytes(partial_dir, {f.etag for f in plan.missing})
+        resumable = resumable_credit(partial_dir, {f.etag for f in plan.missing})
         check_disk_space(partial_dir, max(plan.missing_bytes - resumable, 0), self.settings.disk_margin, what)
+        if isinstance(self.layout, LocalDirLayout):
+            # After the plan (an old snapshot still vouches for the files this commit shares with it:
+            # not re-hashed) and the disk check (exit 6 leaves it ready), before the first byte lands.
+            self._retire_old_local_snapshot(commit)
 
         self.progress.set_phase("transfer")
         self.progress.start_transfer(commit, plan.total_bytes, len(files), plan.present_bytes)
@@ -194,30 +230,37 @@ class Pull:
             jobs = [FileJob(f, self.layout.final_path(f.etag, f.path), partial_dir) for f in plan.missing]
             policy = RetryPolicy(self.settings.retry_max_failures, self.settings.retry_base_delay)
             Transfer(reader, self.progress, workers=self.settings.workers, chunk_size=self.settings.chunk_size,
-                     policy=policy, direct_io=directio.wanted(self.settings.direct_io, partial_dir)).run(jobs)
+                     policy=policy, direct_io=directio.wanted(self.settings.direct_io, partial_dir),
+                     fence=lease.check).run(jobs)
         finally:
             reader.close()
         engine = "+".join(sorted(getattr(reader, "used", {reader.name}))) or reader.name
 
         self.progress.set_phase("commit")
+        lease.check()  # a writer that lost its lease vouches for nothing
         self._commit(commit, files, engine)
+        lease.check()  # the sweep may remove partials that a new holder adopted
         sweep_partials(partial_dir, {f.etag for f in files}, keep_others_for=PARTIAL_TTL if self.source.has_revisions else 0)
         self.progress.set_phase("done")
         return self._result(commit, engine=engine, files=files)
 
     def _retire_old_local_snapshot(self, commit: str) -> None:
-        """A local dir holds one snapshot: before any file of another commit lands, un-ready it."""
-        ready = self.layout.ready_path(commit)
-        if ready.exists() and not is_ready(ready, commit):
-            clear_ready(ready)
+        """A local dir holds one snapshot: before any file of another commit lands, nothing may vouch
+        for the old one. Its files still on disk are then re-hashed by the planner, not re-fetched."""
+        if not is_ready(self.layout.ready_path(commit), commit):
+            retire_snapshot(self.layout.ready_path(commit), self.layout.lock_path(commit))
 
     def _commit(self, commit: str, files: list[RemoteFile], engine: str) -> None:
         by_etag: dict[str, RemoteFile] = {}
+        touched: set[Path] = set()  # folders that got a link or a copy: durable before the lockfile
         for f in files:
             first = by_etag.setdefault(f.etag, f)
             if isinstance(self.layout, LocalDirLayout) and first is not f:
-                self._copy_duplicate(self.layout.final_path(first.etag, first.path), self.layout.final_path(f.etag, f.path))
-            self.layout.link_file(commit, f.path, f.etag)
+                touched.add(self._copy_duplicate(self.layout.final_path(first.etag, first.path),
+                                                 self.layout.final_path(f.etag, f.path)))
+            if (folder := self.layout.link_file(commit, f.path, f.etag)) is not None:
+                touched.add(folder)
+        fsync_dirs(touched, top=self.layout.root)
         entries = {f.path: LockedFile(f.path, f.size, f.sha256, f.etag, dict(f.version)) for f in files}
         previous = read_lock(self.layout.lock_path(commit)) if is_ready(self.layout.ready_path(commit), commit) else None
         for old in (previous or {}).get("files", []):
@@ -235,16 +278,17 @@ class Pull:
         self.layout.write_ref(self.revision, commit)
 
     @staticmethod
-    def _copy_duplicate(src: Path, dst: Path) -> None:
-        if dst.exists() and dst.stat().st_size == src.stat().st_size:
-            return
+    def _copy_duplicate(src: Path, dst: Path) -> Path:
+        """Same content under a second path. Always copied: a file already there may hold another
+        commit's bytes of the same size. Returns the folder, which the caller fsyncs once."""
+        dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_name(dst)
         try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp)
-            tmp.replace(dst)
+            promote(tmp, dst, fsync_parent=False)
         finally:
             tmp.unlink(missing_ok=True)
+        return dst.parent
 
     def _result(self, commit: str, *, already_ready: bool = False, engine: str = "none",
                 files: list[RemoteFile] | None = None) -> PullResult:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import checksums
 from .errors import DiskFull, InvalidInput
-from .lockfile import read_lock
+from .lockfile import is_ready, read_lock
 from .sources.base import RemoteFile
 
 
@@ -35,14 +35,23 @@ def apply_globs(files: list[RemoteFile], include: tuple[str, ...], exclude: tupl
     return kept
 
 
-def trusted_etags(records_dir: Path) -> set[tuple[str, str]]:
-    """(path, etag) pairs that a lockfile of ours vouches for: verified before they were promoted."""
+def trusted_etags(layout) -> set[tuple[str, str]]:
+    """(path, etag) pairs that a lockfile of ours vouches for: verified before they were promoted.
+
+    A lockfile vouches only while the ready marker names its commit. In a local dir a pull of another
+    commit overwrites files in place: from its first byte on, the old lockfile describes files that
+    may no longer be there, so those are re-hashed rather than trusted.
+    """
     trusted: set[tuple[str, str]] = set()
-    if not records_dir.is_dir():
+    if not layout.records.is_dir():
         return trusted
-    for lock_path in records_dir.glob("*lock.json"):
-        lock = read_lock(lock_path)
-        for entry in (lock or {}).get("files", []):
+    for lock_path in layout.records.glob("*lock.json"):
+        lock = read_lock(lock_path) or {}
+        commit = lock.get("commit")
+        if not isinstance(commit, str) or layout.lock_path(commit) != lock_path \
+                or not is_ready(layout.ready_path(commit), commit):
+            continue
+        for entry in lock.get("files", []):
             etag = entry.get("etag") or entry.get("sha256")
             if isinstance(entry.get("path"), str) and etag:
                 trusted.add((entry["path"], etag))
@@ -65,9 +74,9 @@ class Plan:
 
 
 def make_plan(files: list[RemoteFile], layout, *, trust_blobs_by_etag: bool) -> Plan:
-    """Subtract what is on disk already. Bytes we promoted ourselves are trusted by their lockfile
-    (or, in the HF layout, by their content-addressed name); anything else is re-hashed first."""
-    trusted = trusted_etags(layout.records)
+    """Subtract what is on disk already. Bytes we promoted ourselves are trusted by the lockfile of a
+    ready snapshot (or, in the HF layout, by their content-addressed name); anything else is re-hashed."""
+    trusted = trusted_etags(layout)
     trusted_keys = {etag for _, etag in trusted}
     plan = Plan(files=files)
     seen: set[str] = set()
@@ -93,16 +102,21 @@ def make_plan(files: list[RemoteFile], layout, *, trust_blobs_by_etag: bool) -> 
     return plan
 
 
-def partial_bytes(partial_dir: Path, etags: set[str]) -> int:
-    total = 0
+def resumable_credit(partial_dir: Path, etags: set[str]) -> int:
+    """Bytes of the pull that partials on disk already hold, as far as the disk-space check may count
+    them. What the disk holds of a partial, not its apparent size: one written at range offsets is
+    sparse, and crediting its holes would let a pull start that cannot fit. Less the largest one:
+    resuming copies a partial (agent/partial.py), so its bytes are needed twice while it is copied."""
+    held: list[int] = []
     if partial_dir.is_dir():
         for p in partial_dir.glob("*.ma-*.incomplete"):
             if p.name.split(".", 1)[0] in etags:
                 try:
-                    total += p.stat().st_size
+                    st = p.stat()
                 except OSError:
-                    pass
-    return total
+                    continue
+                held.append(min(st.st_size, st.st_blocks * 512))
+    return sum(held) - max(held, default=0)
 
 
 def check_disk_space(where: Path, need: int, margin: int, what: str) -> None:

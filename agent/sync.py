@@ -2,9 +2,11 @@
 
 A round pulls every declared model (moving revisions are re-resolved, so a new commit on `main`
 lands beside the old one and the ref flips only once it is ready), then collects garbage if the
-cache is over its high watermark. One model failing never stops the others. Between rounds the
-loop sleeps for the interval, and wakes early when the models file changes (a ConfigMap update
-arrives as a symlink swap, so the resolved path and its stat are compared).
+cache is over its high watermark. One model failing, with an AgentError or an OSError, never stops
+the others. Between rounds the loop sleeps for the interval, and wakes early when the models file
+changes (a ConfigMap update arrives as a symlink swap, so the resolved path and its stat are
+compared). `pull --config` runs the same round with garbage collection off: it shares volumes with
+snapshots it knows nothing about.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from . import gc
 from .config import Settings
-from .errors import AgentError, DiskFull
+from .cache_index import record_use
+from .errors import AgentError, DiskFull, InvalidInput, from_oserror
 from .log import Logger
 from .metrics import Metrics
 from .modelsfile import ModelsFile, ModelSpec, load
@@ -38,6 +41,10 @@ class RoundResult:
 
 
 def settings_for(spec: ModelSpec, base: Settings, mf: ModelsFile) -> Settings:
+    """One model's settings: its own keys, then flags and MODEL_AGENT_* variables, then the file's
+    defaults (cache_dir, workers, engine), then the built-in ones."""
+    if base.local_dir is not None:
+        raise InvalidInput("--local-dir does not apply to a models file: give the model its own `local_dir` in it")
     return dataclasses.replace(
         base,
         cache_dir=base.cache_dir if base.cache_dir_explicit or mf.cache_dir is None else mf.cache_dir,
@@ -45,8 +52,9 @@ def settings_for(spec: ModelSpec, base: Settings, mf: ModelsFile) -> Settings:
         include=spec.include,
         exclude=spec.exclude,
         repo_id=spec.repo_id or base.repo_id,
-        engine=spec.engine or base.engine,
-        local_dir=None,
+        engine=spec.engine or (base.engine if "engine" in base.explicit else mf.engine or base.engine),
+        workers=base.workers if "workers" in base.explicit else mf.workers or base.workers,
+        local_dir=spec.local_dir,
     )
 
 
@@ -63,11 +71,14 @@ def keep_for(mf: ModelsFile, base: Settings) -> gc.Keep:
 
 
 class Syncer:
-    def __init__(self, config_path: Path, settings: Settings, logger: Logger, metrics: Metrics):
+    def __init__(self, config_path: Path, settings: Settings, logger: Logger, metrics: Metrics, *,
+                 collect_garbage: bool = True):
         self.config_path = config_path
         self.settings = settings
         self.logger = logger
         self.metrics = metrics
+        self.collect_garbage = collect_garbage
+        self.lease_watches: dict = {}  # kept across rounds: a dead writer's lease is seen to stay unchanged
         self.stop = threading.Event()
         self.interval = 600.0
 
@@ -77,12 +88,20 @@ class Syncer:
     def _pull(self, spec: ModelSpec, mf: ModelsFile) -> PullResult:
         settings = settings_for(spec, self.settings, mf)
         ref = parse_source(spec.source)
-        return Pull(ref, settings, self.logger, listeners=[self.metrics]).run()
+        try:
+            pull = Pull(ref, settings, self.logger, listeners=[self.metrics])
+            result = pull.run()
+        except OSError as exc:
+            raise from_oserror(exc, ref.display()) from exc
+        record_use(pull.layout, result.commit)  # declared and ready this round: in use
+        return result
 
     def _pull_with_gc(self, spec: ModelSpec, mf: ModelsFile, round_: RoundResult) -> PullResult:
         try:
             return self._pull(spec, mf)
         except DiskFull as exc:
+            if not self.collect_garbage:
+                raise
             # Make room for this pull now, whatever the high watermark says, then try once more.
             victims, freed, _ = self._collect(mf, need=max(exc.need - exc.free, 1), force_need=True)
             round_.freed += freed
@@ -92,12 +111,18 @@ class Syncer:
 
     def _collect(self, mf: ModelsFile, need: int = 0, force_need: bool = False):
         cache = self.cache_dir(mf)
+        if not cache.is_dir():  # not created yet (each pull creates what it needs): nothing to collect
+            return [], 0, 0
         high, low, by_volume = mf.limits(cache)
         if force_need:
             used = gc.usage(cache, gc.scan(cache), by_volume)[0]
             high = min(high, used)  # over the mark by definition: we need `need` bytes now
-        victims, freed, used = gc.collect(cache, keep_for(mf, self.settings), high=high, low=low, by_volume=by_volume,
-                                          lease_ttl=self.settings.lease_ttl, need=need)
+        outcome = gc.collect(cache, keep_for(mf, self.settings), high=high, low=low, by_volume=by_volume,
+                             lease_ttl=self.settings.lease_ttl, need=need, watches=self.lease_watches)
+        victims, freed = outcome.victims, outcome.freed
+        for repo_id, why in outcome.skipped:
+            self.logger.info("gc_skipped", f"gc left {repo_id} alone: {why}" if self.logger.fmt != "json" else "",
+                             model=repo_id, reason=why)
         for v in victims:
             self.logger.info("gc", f"removed {v.repo.repo_id}@{v.snapshot.commit[:12]} ({v.reason}), freed {v.frees} bytes"
                              if self.logger.fmt != "json" else "", model=v.repo.repo_id, commit=v.snapshot.commit,
@@ -105,7 +130,23 @@ class Syncer:
         if victims:
             self.metrics.gc_freed.inc(freed)
             self.metrics.gc_removed.inc(len(victims))
-        return victims, freed, used
+        return victims, freed, outcome.used
+
+    def _failed(self, result: RoundResult, spec: ModelSpec, model: str, exc: AgentError) -> None:
+        result.errors[model] = exc
+        self.metrics.finished(model, spec.revision or "main", "", 0.0, exc.kind)
+        self.metrics.ready.labels(model).set(0)
+        self.logger.error(exc.kind, f"{model}: {exc}", model=model, exit_code=exc.exit_code)
+
+    def _collect_after_round(self, mf: ModelsFile) -> int:
+        if not self.collect_garbage:
+            return 0
+        try:
+            return self._collect(mf)[1]
+        except OSError as exc:  # the models are pulled; a GC that could not finish is retried next round
+            err = from_oserror(exc, "garbage collection after the round")
+            self.logger.error(err.kind, str(err), exit_code=err.exit_code)
+            return 0
 
     def round(self) -> RoundResult:
         started = time.monotonic()
@@ -121,12 +162,10 @@ class Syncer:
                 result.results[model] = r = self._pull_with_gc(spec, mf, result)
                 self.metrics.finished(model, r.revision, r.commit, r.seconds, "success")
             except AgentError as exc:
-                result.errors[model] = exc
-                self.metrics.finished(model, spec.revision or "main", "", 0.0, exc.kind)
-                self.metrics.ready.labels(model).set(0)
-                self.logger.error(exc.kind, f"{model}: {exc}", model=model, exit_code=exc.exit_code)
-        _, freed, _ = self._collect(mf)
-        result.freed += freed
+                self._failed(result, spec, model, exc)
+            except OSError as exc:  # outside a pull (e.g. the GC that makes room): still this model's failure
+                self._failed(result, spec, model, from_oserror(exc, "garbage collection making room"))
+        result.freed += self._collect_after_round(mf)
         ready = sum(1 for m in models if self.metrics.is_ready(m))
         self.metrics.models_ready.set(ready)
         outcome = "success" if not result.errors else ("failed" if not result.results else "partial")
@@ -152,8 +191,9 @@ class Syncer:
             stamp = self._config_stamp()
             try:
                 self.round()
-            except AgentError as exc:  # e.g. the models file is broken: keep the last good cache, retry
-                self.logger.error(exc.kind, f"sync round failed: {exc}", exit_code=exc.exit_code)
+            except (AgentError, OSError) as exc:  # e.g. the models file is broken: keep the last good cache, retry
+                err = from_oserror(exc, str(self.config_path)) if isinstance(exc, OSError) else exc
+                self.logger.error(err.kind, f"sync round failed: {err}", exit_code=err.exit_code)
                 self.metrics.sync_rounds.labels("failed").inc()
             deadline = time.monotonic() + (interval or self.interval)
             while not self.stop.is_set() and time.monotonic() < deadline:

@@ -17,9 +17,10 @@ from typing import Callable, Protocol
 from . import checksums, directio
 from .errors import IntegrityError, Retryable
 from .layout import fsync_dir, promote
-from .partial import FileJob, PartialFile, leftover_partials, write_all
+from .partial import FileJob, PartialFile, write_all
+from .resume import leftover_partials
 from .retry import RetryPolicy, call_with_retry
-from .sources.base import RangeReader, RemoteFile
+from .sources.base import RangeReader, RangesIgnored, RemoteFile
 
 __all__ = ["FileJob", "PartialFile", "Progress", "Stopped", "Transfer", "interleave"]
 
@@ -46,8 +47,11 @@ class Transfer:
     """Runs every file's ranges on one bounded pool; the first hard error stops the rest."""
 
     def __init__(self, reader: RangeReader, progress: Progress, *, workers: int, chunk_size: int,
-                 policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep, direct_io: bool = True):
+                 policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep, direct_io: bool = True,
+                 fence: Callable[[], None] = lambda: None):
         self.reader = reader
+        # Raises (LeaseLost) once this writer may no longer write: asked before every write and promote.
+        self.fence = fence
         self.direct_io = direct_io
         self.progress = progress
         self.workers = workers
@@ -61,6 +65,8 @@ class Transfer:
         self._error_lock = threading.Lock()
         self._dir_lock = threading.Lock()
         self._ranges_in_order = False
+        self._streaming: set[Path] = set()  # partials being fetched as one stream (see _stream_whole)
+        self._opened: list[PartialFile] = []  # closed when the run ends, however it ends
 
     def _fail(self, exc: BaseException) -> None:
         with self._error_lock:
@@ -99,6 +105,15 @@ class Transfer:
         finally:
             self.stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
+            self._close_leftovers()
+
+    def _close_leftovers(self) -> None:
+        """After a failure: close every partial still open (a sync daemon runs round after round, and
+        each failed round would otherwise keep its descriptors until EMFILE), keeping its record."""
+        with self._dir_lock:
+            opened, self._opened = self._opened, []
+        for pf in opened:
+            pf.set_aside()
 
     def _tasks(self, job: FileJob) -> list[tuple[PartialFile | None, Callable[[], None]]]:
         """The file's work as (partial, task) pairs: one per range still missing, or one in all."""
@@ -116,6 +131,8 @@ class Transfer:
                       and (self._ranges_in_order or not checksums.hashed_in_file_order(job.file.checksums, range_size)))
             pf = PartialFile(job, range_size, reader.ranged, self._leftovers.get((job.partial_dir, job.file.etag), []),
                              direct=direct)
+            with self._dir_lock:
+                self._opened.append(pf)
             if pf.resumed_bytes:
                 self.progress.add_bytes(pf.resumed_bytes)
             return pf
@@ -175,7 +192,10 @@ class Transfer:
         def attempt() -> None:
             if not reader.ranged:
                 return self._fetch_whole(reader, pf)
-            self._fetch_range(reader, pf, idx)
+            try:
+                self._fetch_range(reader, pf, idx)
+            except RangesIgnored as exc:
+                self._stream_whole(reader, pf, exc)
 
         call_with_retry(
             attempt, policy=self.policy, what=self._what(pf), progress_mark=pf.total_done,
@@ -192,6 +212,7 @@ class Transfer:
         for piece in reader.read_range(pf.file, pos, end):
             if self.stop.is_set():
                 raise Stopped()
+            self.fence()
             n = len(piece)
             if pos + n > end:
                 raise Retryable("overrun", f"{pf.file.path}: server sent more than the {end - start} bytes asked for")
@@ -213,6 +234,7 @@ class Transfer:
         for n in reader.read_range_into(pf.file, unit_pos, end, buf):
             if self.stop.is_set():
                 raise Stopped()
+            self.fence()
             if unit_pos + n > end:
                 raise Retryable("overrun", f"{pf.file.path}: server sent more than the {end - start} bytes asked for")
             self._land(pf, idx, buf, unit_pos, n)
@@ -233,6 +255,54 @@ class Transfer:
         self.progress.add_bytes(n)
         pf.hash_landed(idx, pos, buf[:n])
 
+    def _stream_whole(self, reader: RangeReader, pf: PartialFile, ignored: RangesIgnored) -> None:
+        """The server sent the whole file to a ranged request: take the file as one stream from byte 0,
+        once, rather than re-read its head for every range (a 32 MiB file in 1 MiB ranges cost 706 MiB).
+        The other ranges of the file return at once: they are landed by this stream, which their
+        tasks (counted before _finish) outlive. It retries on its own, each time from byte 0."""
+        with pf.lock:
+            claimed = not self.stop.is_set() and pf.path not in self._streaming and sum(pf.done) < pf.file.size
+            if claimed:
+                self._streaming.add(pf.path)
+        if not claimed:
+            ignored.discard()
+            if self.stop.is_set():
+                raise Stopped()
+            return
+        body = [ignored.body]  # the first attempt reads the body that came with the 200
+
+        def attempt() -> None:
+            self.progress.add_bytes(-pf.reset())  # the body starts at byte 0, whatever had landed
+            pos, size = 0, pf.file.size
+            pieces, body[0] = body[0] or reader.read_range(pf.file, 0, size), None
+            for piece in pieces:
+                if self.stop.is_set():
+                    raise Stopped()
+                self.fence()
+                if pos + len(piece) > size:
+                    raise Retryable("overrun", f"{pf.file.path}: server sent more than the {size} bytes of the file")
+                write_all(pf.fd, piece, pos)
+                self.progress.add_bytes(len(piece))
+                off = 0
+                while off < len(piece):  # each range gets its share: the resume record stays exact
+                    idx = (pos + off) // pf.chunk
+                    take = min(len(piece) - off, pf.bounds(idx)[1] - pos - off)
+                    pf.advance(idx, take)
+                    pf.hash_landed(idx, pos + off, piece[off:off + take])
+                    off += take
+                pos += len(piece)
+            if pos != size:
+                raise Retryable("truncated", f"{pf.file.path}: body ended at byte {pos} of {size}")
+
+        try:
+            call_with_retry(attempt, policy=self.policy, what=self._what(pf), progress_mark=pf.total_done,
+                            on_retry=lambda reason, delay, exc: self.progress.retry(reason, delay, str(exc)),
+                            sleep=self.sleep)
+        finally:
+            ignored.discard()  # a body never started has no generator cleanup of its own
+            with pf.lock:
+                self._streaming.discard(pf.path)
+
     def _fetch_whole(self, reader: RangeReader, pf: PartialFile) -> None:
         got = {"n": 0}
 
@@ -240,6 +310,7 @@ class Transfer:
             got["n"] += n
             self.progress.add_bytes(n)
 
+        self.fence()
         try:
             reader.fetch_whole(pf.file, str(pf.path), on_bytes)
         except Retryable:
@@ -251,10 +322,11 @@ class Transfer:
         """Verify, and on a mismatch download once more before giving up with IntegrityError."""
         for attempt in (1, 2):
             pf.hash_ahead(wait=True)
-            problems = pf.digests.problems()
+            problems = pf.problems()
+            self.fence()
             if not problems:
-                if os.fstat(pf.fd).st_size != pf.file.size:
-                    os.ftruncate(pf.fd, pf.file.size)  # a direct write's padding past the end
+                if os.fstat(pf.fd).st_size > pf.file.size:
+                    os.ftruncate(pf.fd, pf.file.size)  # a direct write's padding past the end: only ever down
                 os.fsync(pf.fd)
                 pf.close(keep=True)
                 # The folder is fsynced once for all its files when the run ends (see `run`):

@@ -42,3 +42,6 @@ if [ ! -x .tools/node_modules/.bin/azurite-blob ]; then
   apt_install npm nodejs npm
   npm install --silent --no-audit --no-fund --prefix .tools azurite@3.35 >/dev/null
 fi
+
+# --- durability (issue 11): strace, to see the fsync of links and copies before the marker ---------
+apt_install strace strace

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,16 @@ def pull_args(hub, repo: str, cache: Path, *more: str) -> list[str]:
 
 def hub_env(hub, **extra: str) -> dict[str, str]:
     return clean_env(HF_ENDPOINT=hub.url, **extra)
+
+
+@contextmanager
+def tmpfs(folder: Path, options: str):
+    """A small tmpfs at `folder` (created): a disk that is really full, or really read-only. Root only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -7,6 +7,7 @@ changes are made at the server with boto3 while a pull runs.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import time
@@ -17,6 +18,7 @@ import pytest
 from objstore.helpers import (FAST, agent, assert_hf_snapshot, assert_local_dir, content_id, env_for, events,
                               hf_loads_offline, popen, summary)
 from objstore.proxy import FaultProxy
+from test_lease_fencing import crash_after_last_range
 from objstore.servers import MotoServer, SeaweedFS
 
 pytestmark = pytest.mark.timeout(120)
@@ -351,3 +353,32 @@ def test_a_pull_of_keys_that_need_escaping(weed, tmp_path):
     r = agent("pull", f"s3://{bucket}/m/", "--local-dir", str(dest), env=env_for(weed.env()))
     assert r.returncode == 0, r.stderr
     assert {k: (dest / k).read_bytes() for k in files} == files
+
+
+def test_a_partial_shorter_than_its_record_never_promotes_zeros(weed, proxy, tmp_path):
+    """What a node crash on NFS leaves: the resume record survived, the partial's last pages did not.
+    A multipart object is checked by its size (and parts, where the store keeps a checksum): zeros past
+    the cut must never be promoted, and the pull must not hang."""
+    files = {"model.safetensors": os.urandom(40 * MiB), "config.json": b"{}"}
+    bucket = make_bucket(weed, files, multipart=True)
+    proxy.add("slow", rate=5 * MiB, count=1)
+    env = env_for(weed.env(AWS_ENDPOINT_URL=proxy.url))
+    dest = tmp_path / "d"
+    partials = dest / ".model-agent" / "partial"
+    args = ("pull", f"s3://{bucket}/llama/", "--local-dir", str(dest), "--chunk-size", "8Mi", "--workers", "2",
+            "--lease-ttl", "1s")
+    proc = popen(*args, env=env)
+    deadline = time.monotonic() + 60
+    while sum(json.loads(p.read_text())["done"][0] > 0 for p in partials.glob("*.json")) == 0 \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cut = list(partials.glob("*.incomplete"))
+    assert cut, "the killed pull left its partial"
+    assert crash_after_last_range(partials) == len(cut)
+    proxy.clear()
+    r = agent(*args, env=env, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert (dest / "model.safetensors").read_bytes() == files["model.safetensors"]

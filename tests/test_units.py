@@ -179,12 +179,11 @@ def test_durations_and_sizes():
         parse_size("lots", what="t")
 
 
-def test_resume_record_maps_onto_another_range_size(tmp_path):
-    from agent.transfer import FileJob, PartialFile
+def test_resume_record_maps_onto_another_range_size():
+    from agent.resume import Grid, regrid
 
-    job = FileJob(RemoteFile("f", 30, "e" * 64), tmp_path / "final", tmp_path)
-    assert PartialFile(job, 30, ranged=True)._regrid(10, [10, 4, 10]) == [14]
-    assert PartialFile(job, 5, ranged=True)._regrid(10, [10, 4, 10]) == [5, 5, 4, 0, 5, 5]
+    assert regrid(Grid(30, 30), 10, [10, 4, 10]) == [14]
+    assert regrid(Grid(5, 30), 10, [10, 4, 10]) == [5, 5, 4, 0, 5, 5]
 
 
 def test_a_crc_from_the_store_replaces_the_md5_and_is_checked():

@@ -121,7 +121,12 @@ def _tree(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]) -> None:
         params = {k: v[-1] for k, v in req.query.items() if k != "cursor"}
         params["cursor"] = base64.urlsafe_b64encode(str(start + page).encode()).decode()
         headers["Link"] = f'<{h.hub.url}{req.path}?{urlencode(params)}>; rel="next"'
-    h.respond_json(200, [views.path_entry(repo, commit, p, expand) for p in chunk], headers)
+    h.respond_json(200, [_listed(h, repo, views.path_entry(repo, commit, p, expand)) for p in chunk], headers)
+
+
+def _listed(h: "HubHandler", repo: Repo, entry: dict | None) -> dict | None:
+    override = h.hub.listing_overrides.get((repo.repo_id, entry["path"])) if entry else None
+    return views.override_entry(entry, override) if override else entry
 
 
 def _paths_info(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]) -> None:
@@ -130,7 +135,7 @@ def _paths_info(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]) ->
         return
     form = req.form()
     expand = (form.get("expand") or ["false"])[-1].lower() == "true"
-    entries = [views.path_entry(repo, commit, p.strip("/"), expand) for p in form.get("paths", [])]
+    entries = [_listed(h, repo, views.path_entry(repo, commit, p.strip("/"), expand)) for p in form.get("paths", [])]
     h.respond_json(200, [e for e in entries if e is not None])  # unknown paths are skipped
 
 

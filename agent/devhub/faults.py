@@ -4,7 +4,9 @@ Two phases are checked per request:
 - request faults ("status", "429") answer instead of the normal response; they apply to any
   request (API, resolve, CDN; GET or HEAD) whose path matches;
 - body faults ("reset", "truncate", "stall", "corrupt", "slow") alter a file body being sent,
-  so they only apply to resolve/CDN responses that carry file bytes.
+  so they only apply to resolve/CDN responses that carry file bytes;
+- range faults ("ignore_range") answer a ranged request with 200 and the whole body, as servers
+  and Hub mirrors that do not implement Range do (olah, some proxies).
 A fault is used up after `count` matching requests.
 """
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 REQUEST_KINDS = frozenset({"status", "429"})
 BODY_KINDS = frozenset({"reset", "truncate", "stall", "corrupt", "slow"})
+RANGE_KINDS = frozenset({"ignore_range"})
 HOSTS = frozenset({"api", "cdn", "any"})
 METHODS = frozenset({"GET", "HEAD", "POST", "any"})
 
@@ -66,7 +69,7 @@ class FaultSet:
         host: str = "any",
         method: str = "any",
     ) -> Fault:
-        if kind not in REQUEST_KINDS | BODY_KINDS:
+        if kind not in REQUEST_KINDS | BODY_KINDS | RANGE_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
         if host not in HOSTS:
             raise ValueError(f"host must be one of {sorted(HOSTS)}")
@@ -102,3 +105,6 @@ class FaultSet:
 
     def take_body_fault(self, host: str, method: str, path: str) -> Fault | None:
         return self.take(BODY_KINDS, host, method, path)
+
+    def take_range_fault(self, host: str, method: str, path: str) -> Fault | None:
+        return self.take(RANGE_KINDS, host, method, path)

@@ -145,6 +145,8 @@ def serve_file(
         except Unsatisfiable:
             h.respond(416, {**headers, "Content-Range": f"bytes */{size}"})
             return
+    if rng is not None and h.hub.faults.take_range_fault(h.host_kind, req.method, repo_path) is not None:
+        rng = None  # a server that ignores Range: 200 and the whole body
     if gzip_ok and rng is None and req.method == "GET" and _wants_gzip(req, repo_path, size):
         _send_gzip(h, blob, repo_path, headers)
         return
@@ -158,15 +160,16 @@ def serve_file(
         return
     stats = h.hub.stats
     fault = h.hub.faults.take_body_fault(h.host_kind, req.method, repo_path)
-    send_body(
-        h.connection,
-        blob.path,
-        start,
-        length,
-        fault=fault,
-        stop=h.hub.stopping,
-        on_sent=lambda n: stats.add_bytes(repo_path, n),
-    )
+    with stats.sending_body():
+        send_body(
+            h.connection,
+            blob.path,
+            start,
+            length,
+            fault=fault,
+            stop=h.hub.stopping,
+            on_sent=lambda n: stats.add_bytes(repo_path, n),
+        )
 
 
 def _wants_gzip(req: "Request", repo_path: str, size: int) -> bool:

@@ -54,6 +54,9 @@ class HubServer:
         self.blobs = BlobStore(self.data_dir, lfs_threshold)
         self.xet_cas = XetCas(self.data_dir / "xet-cas") if xet else None
         self.tree_page_size = tree_page_size
+        # (repo_id, path) -> what the tree listing says instead of the truth: {"oid": ..., "lfs_oid": ...,
+        # "xetHash": ...}. A broken or hostile HF_ENDPOINT, for tests of what clients accept.
+        self.listing_overrides: dict[tuple[str, str], dict[str, str]] = {}
         self.cdn_url_ttl = 3600  # seconds a presigned CDN URL stays valid (set 0 to test expiry)
         self.signer = UrlSigner(secrets.token_bytes(32))
         self.stopping = threading.Event()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import fnmatch
 import threading
 from collections import defaultdict
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 
 class RequestRecord(NamedTuple):
@@ -20,6 +21,8 @@ class Stats:
         self._lock = threading.Lock()
         self._requests: list[RequestRecord] = []
         self._bytes: dict[str, int] = defaultdict(int)
+        self._bodies = 0
+        self.peak_bodies = 0  # most file bodies being sent at the same time: a client's real concurrency
 
     def record_request(self, host: str, method: str, path: str, headers: dict[str, str]) -> None:
         with self._lock:
@@ -28,6 +31,17 @@ class Stats:
     def add_bytes(self, repo_path: str, n: int) -> None:
         with self._lock:
             self._bytes[repo_path] += n
+
+    @contextmanager
+    def sending_body(self) -> Iterator[None]:
+        with self._lock:
+            self._bodies += 1
+            self.peak_bodies = max(self.peak_bodies, self._bodies)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._bodies -= 1
 
     @property
     def requests(self) -> list[RequestRecord]:
@@ -43,3 +57,4 @@ class Stats:
         with self._lock:
             self._requests.clear()
             self._bytes.clear()
+            self.peak_bodies = self._bodies

@@ -73,6 +73,17 @@ def file_entry(path: str, blob: Blob) -> dict:
     return entry
 
 
+def override_entry(entry: dict, override: dict[str, str]) -> dict:
+    """A file entry as a broken server would list it (see HubServer.listing_overrides)."""
+    entry = dict(entry)
+    for key, value in override.items():
+        if key == "lfs_oid":
+            entry["lfs"] = dict(entry.get("lfs") or {"size": entry["size"], "pointerSize": 0}, oid=value)
+        else:
+            entry[key] = value
+    return entry
+
+
 def dir_entry(path: str, tree_oid: str) -> dict:
     return {"type": "directory", "oid": tree_oid, "size": 0, "path": path}
 

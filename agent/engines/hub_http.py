@@ -13,7 +13,7 @@ from urllib.parse import urljoin
 
 from .. import httpio
 from ..errors import Retryable
-from ..sources.base import RangeReader, RemoteFile
+from ..sources.base import RangeGate, RangeReader, RangesIgnored, RemoteFile
 
 MAX_REDIRECTS = 5
 
@@ -30,6 +30,7 @@ class HubHttpReader(RangeReader):
         self._locations: dict[str, str] = {}
         self._validators: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.gate = RangeGate()
 
     def headers_for(self, url: str) -> dict[str, str]:
         headers = {"User-Agent": "model-agent", "Accept-Encoding": "identity"}
@@ -74,16 +75,25 @@ class HubHttpReader(RangeReader):
                 # The validator of the URL that served the earlier bytes (a CDN's ETag is its own,
                 # not the file's sha256): if the entity changed, the server sends 200 instead.
                 extra["If-Range"] = validator
-        resp, url = self.open(file, extra)
+        probe, honoured = not whole and self.gate.enter(file.path), None
+        try:
+            resp, url = self.open(file, extra)
+            honoured = {206: True, 200: False}.get(resp.status)
+        finally:
+            if probe:
+                self.gate.leave(file.path, honoured)
         if resp.status in (200, 206) and resp.headers.get("ETag"):
             self._validators.setdefault(file.path, resp.headers["ETag"])
         if resp.status == 206 and not whole:
             httpio.check_content_range(resp.headers, start, end, file.size, what)
             yield from httpio.stream_body(resp, what)
+        elif resp.status == 200 and not whole:
+            # The server ignored the range, or the entity changed: the body starts at byte 0. The
+            # transfer takes the file as one stream, starting with this body.
+            self.gate.leave(file.path, False)  # its other ranges: no more requests
+            raise RangesIgnored(file.path, httpio.stream_body(resp, what), lambda: httpio.settle(resp))
         elif resp.status == 200:
-            # A 200 to a ranged request: the server ignored the range or the entity changed. The
-            # body starts at byte 0, so skip to `start` rather than write it at the wrong offset.
-            yield from httpio.skip_to(httpio.stream_body(resp, what), start, end)
+            yield from httpio.stream_body(resp, what)
         elif resp.status == 403 and httpio.origin(url) != self._hub_origin:
             httpio.drain(resp)
             self.forget_location(file)  # a presigned URL expired: ask the Hub for a fresh one

@@ -8,6 +8,7 @@ module that calls `register`; the pipeline never learns scheme names.
 from __future__ import annotations
 
 import re
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Iterator
@@ -59,6 +60,55 @@ class SourceRef:
         return self.repo_id or self.display()
 
 
+class RangesIgnored(Exception):
+    """A ranged request of a file was answered with 200 and the whole body: the server ignores
+    Range (some Hub mirrors and proxies), or the entity changed behind If-Range. Re-reading the body
+    from byte 0 for every range would make the download quadratic, so the transfer takes the file
+    as one stream from byte 0 instead (Transfer._stream_whole), starting with the body that came."""
+
+    def __init__(self, path: str, body: Iterator[bytes | memoryview] | None = None,
+                 discard: Callable[[], None] = lambda: None):
+        super().__init__(f"{path}: the server answered a ranged request with the whole file")
+        self.path = path
+        self.body = body  # the whole file from byte 0, already on its way, or None
+        self.discard = discard  # closes that body's connection if nobody reads it (safe to call twice)
+
+
+class RangeGate:
+    """Sends the first ranged request of each file alone: until its answer shows whether the server
+    honours Range, the file's other ranges wait (one round trip, once per file per pull). Otherwise a
+    server that ignores Range would get one request per worker at once, each answered with the whole
+    body, and all but one thrown away. Once a file is known to come back whole, its ranged reads
+    raise `RangesIgnored` without asking."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: dict[str, threading.Event | bool] = {}  # path -> probe out, or Range honoured
+
+    def enter(self, path: str) -> bool:
+        """Before a ranged request of `path`: True if the caller is its probe (then `leave` it)."""
+        while True:
+            with self._lock:
+                state = self._state.get(path)
+                if state is None:
+                    self._state[path] = threading.Event()
+                    return True
+            if state is True:
+                return False
+            if state is False:
+                raise RangesIgnored(path)
+            state.wait()  # bounded: the probe's request ends within its stall timeout
+
+    def leave(self, path: str, honoured: bool | None) -> None:
+        """The probe's answer: Range honoured (206), ignored (200), or unknown (an error: the next probes)."""
+        with self._lock:
+            probe = self._state.pop(path, None)
+            if honoured is not None:
+                self._state[path] = honoured
+        if isinstance(probe, threading.Event):
+            probe.set()
+
+
 def fill_units(pieces: Iterable[bytes | memoryview], buf: memoryview) -> Iterator[int]:
     """Regroup a stream of pieces into buffer-fulls of `buf` (see RangeReader.read_range_into)."""
     size, fill = len(buf), 0
@@ -83,7 +133,8 @@ class RangeReader(ABC):
 
     @abstractmethod
     def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes | memoryview]:
-        """Yield the bytes [start, end) of `file`, in order."""
+        """Yield the bytes [start, end) of `file`, in order. Raise `RangesIgnored`, before yielding
+        anything, when a range other than the whole file comes back as the whole file."""
 
     def read_range_into(self, file: RemoteFile, start: int, end: int, buf: memoryview) -> Iterator[int]:
         """The bytes [start, end) of `file` through `buf`, a buffer-full at a time: each `n` yielded

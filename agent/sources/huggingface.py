@@ -19,6 +19,10 @@ from .base import RangeReader, RemoteFile, Source, SourceRef, register
 T = TypeVar("T")
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# What the Hub lists, and nothing else: these become file names under blobs/ (and partial names), so
+# a broken or hostile endpoint's "../x" would otherwise be a path outside it.
+_LISTED_IDS = {"blob id": re.compile(r"[0-9a-f]{40}"), "LFS sha256": re.compile(r"[0-9a-f]{64}"),
+               "xet hash": re.compile(r"[0-9a-f]{64}")}
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -27,9 +31,18 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+# What `git check-ref-format --allow-onelevel` refuses: control characters, space, ~ ^ : ? * [ \,
+# "..", "@{", a lone "@", an empty component ("//", a leading or trailing "/"), a component that
+# starts with "." or ends with ".lock", a trailing ".". A revision names refs/<revision> on disk, so
+# anything else could land outside refs/ or as a file named like the folder (`--revision .`).
+_BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{")
+
+
 def check_revision(revision: str) -> str:
-    if not revision or revision.startswith("/") or ".." in revision.split("/") or "\\" in revision:
-        raise InvalidInput(f"invalid revision {revision!r}")
+    components = revision.split("/")
+    if (not revision or revision == "@" or revision.endswith(".") or _BAD_REF_CHARS.search(revision)
+            or any(not c or c.startswith(".") or c.endswith(".lock") for c in components)):
+        raise InvalidInput(f"invalid revision {revision!r}: not a name git accepts for a branch, tag or commit")
     return revision
 
 
@@ -133,13 +146,18 @@ class HubSource(Source):
             path = safe_relpath(entry.path, context=self.what(commit))
             lfs = entry.lfs
             sha256 = lfs.sha256 if lfs else None
+            xet_hash = getattr(entry, "xet_hash", None)
+            for kind, value in (("blob id", entry.blob_id), ("LFS sha256", sha256), ("xet hash", xet_hash)):
+                if (value is not None or kind == "blob id") and not _LISTED_IDS[kind].fullmatch(str(value)):
+                    raise InvalidInput(f"{self.what(commit)} {path}: the Hub listed {kind} {str(value)[:80]!r}, "
+                                       "which is not hex of the right length: is HF_ENDPOINT a Hub?")
             files.append(RemoteFile(
                 path=path,
                 size=int(entry.size),
                 etag=sha256 or entry.blob_id,  # the blob name huggingface_hub itself would use
                 # git's blob id is a checksum too: it verifies the small non-LFS files for free.
                 checksums={"sha256": sha256} if sha256 else {"git_sha1": entry.blob_id},
-                xet_hash=getattr(entry, "xet_hash", None),
+                xet_hash=xet_hash,
                 version={"etag": sha256 or entry.blob_id},
             ))
         return files

@@ -20,7 +20,7 @@ from ..errors import AgentError, InvalidInput, NotFound, Retryable, TransientErr
 from ..keepalive import KeepAlivePool
 from ..layout import safe_relpath
 from ..retry import RetryPolicy, call_with_retry
-from .base import RangeReader, RemoteFile, Source, SourceRef, fill_units
+from .base import RangeGate, RangeReader, RangesIgnored, RemoteFile, Source, SourceRef
 
 T = TypeVar("T")
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
@@ -182,6 +182,7 @@ class PinnedHttpReader(RangeReader):
         self.source = source
         settings = source.settings
         self.pool = KeepAlivePool(connect_timeout=min(30.0, settings.stall_timeout), read_timeout=settings.stall_timeout)
+        self.gate = RangeGate()
 
     @abstractmethod
     def request_for(self, file: RemoteFile, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -221,8 +222,14 @@ class PinnedHttpReader(RangeReader):
         if not whole:
             headers["Range"] = f"bytes={start}-{end - 1}"
             self.before_ranged_read(file)
-        url, headers = self.request_for(file, headers)
-        resp = self.pool.get(url, headers, what)
+        probe, honoured = not whole and self.gate.enter(file.path), None
+        try:
+            url, headers = self.request_for(file, headers)
+            resp = self.pool.get(url, headers, what)
+            honoured = {206: True, 200: False}.get(resp.status)
+        finally:
+            if probe:
+                self.gate.leave(file.path, honoured)
         status = resp.status
         if status in (200, 206):
             try:
@@ -234,11 +241,10 @@ class PinnedHttpReader(RangeReader):
             except BaseException:
                 resp.drain()
                 raise
-            if status == 206 or whole:
-                yield from (resp.pieces(what) if buf is None else resp.units(buf, what))
-            else:  # a server that ignores Range: skip to the range in the whole body
-                body = httpio.skip_to(resp.pieces(what), start, end)
-                yield from (body if buf is None else fill_units(body, buf))
+            if status == 200 and not whole:  # a server that ignores Range: the transfer streams the file
+                self.gate.leave(file.path, False)
+                raise RangesIgnored(file.path, resp.pieces(what), resp.release)
+            yield from (resp.pieces(what) if buf is None else resp.units(buf, what))
             return
         resp.drain()
         if status in (404, 412):
