@@ -22,7 +22,7 @@ from .layout import HubCacheLayout, LocalDirLayout, fsync_dirs, promote, temp_na
 from .lease import Lease, LeaseLost, LeaseWatch
 from .lockfile import Lock, LockedFile, is_ready, read_lock, retire_snapshot, write_lock, write_ready
 from .log import Logger
-from .plan import apply_globs, check_disk_space, make_plan, resumable_credit
+from .plan import apply_globs, ensure_room, make_plan
 from .progress import PullProgress
 from .retry import RetryPolicy
 from .sources.base import RemoteFile, Source, SourceRef, open_source
@@ -208,8 +208,9 @@ class Pull:
         files = apply_globs(self.source.list_files(commit), self.settings.include, self.settings.exclude, what)
         plan = make_plan(files, self.layout, trust_blobs_by_etag=isinstance(self.layout, HubCacheLayout))
         partial_dir = self.layout.partial_dir()
-        resumable = resumable_credit(partial_dir, {f.etag for f in plan.missing})
-        check_disk_space(partial_dir, max(plan.missing_bytes - resumable, 0), self.settings.disk_margin, what)
+        if dropped := ensure_room(partial_dir, plan, self.settings.disk_margin, what):
+            self.logger.warn("partials_dropped", f"{what}: no room to copy {dropped} partial file(s) to resume them: "
+                             "starting those files over", model=self.model, partials=dropped)
         if isinstance(self.layout, LocalDirLayout):
             # After the plan (an old snapshot still vouches for the files this commit shares with it:
             # not re-hashed) and the disk check (exit 6 leaves it ready), before the first byte lands.

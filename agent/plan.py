@@ -102,12 +102,11 @@ def make_plan(files: list[RemoteFile], layout, *, trust_blobs_by_etag: bool) -> 
     return plan
 
 
-def resumable_credit(partial_dir: Path, etags: set[str]) -> int:
-    """Bytes of the pull that partials on disk already hold, as far as the disk-space check may count
-    them. What the disk holds of a partial, not its apparent size: one written at range offsets is
-    sparse, and crediting its holes would let a pull start that cannot fit. Less the largest one:
-    resuming copies a partial (agent/partial.py), so its bytes are needed twice while it is copied."""
-    held: list[int] = []
+def partials_held(partial_dir: Path, etags: set[str]) -> dict[Path, int]:
+    """The partials on disk for these content keys, and what the disk holds of each: not its apparent
+    size, since one written at range offsets is sparse, and crediting its holes would let a pull
+    start that cannot fit."""
+    held: dict[Path, int] = {}
     if partial_dir.is_dir():
         for p in partial_dir.glob("*.ma-*.incomplete"):
             if p.name.split(".", 1)[0] in etags:
@@ -115,8 +114,26 @@ def resumable_credit(partial_dir: Path, etags: set[str]) -> int:
                     st = p.stat()
                 except OSError:
                     continue
-                held.append(min(st.st_size, st.st_blocks * 512))
-    return sum(held) - max(held, default=0)
+                held[p] = min(st.st_size, st.st_blocks * 512)
+    return held
+
+
+def ensure_room(partial_dir: Path, plan: Plan, margin: int, what: str) -> int:
+    """Check, before the first byte, that the pull fits. Resuming copies a partial (agent/resume.py),
+    so the largest one is needed twice for a moment; where that does not fit but starting those
+    files over would (the partials' own space comes back), the partials are removed instead.
+    Returns how many were removed; raises DiskFull when neither fits."""
+    held = partials_held(partial_dir, {f.etag for f in plan.missing})
+    need = max(plan.missing_bytes - sum(held.values()), 0)
+    try:
+        check_disk_space(partial_dir, need + max(held.values(), default=0), margin, what)
+        return 0
+    except DiskFull:
+        check_disk_space(partial_dir, need, margin, what)
+    for p in held:  # a paused writer that still holds one keeps writing to an unlinked file
+        p.unlink(missing_ok=True)
+        p.with_name(p.name + ".json").unlink(missing_ok=True)
+    return len(held)
 
 
 def check_disk_space(where: Path, need: int, margin: int, what: str) -> None:
