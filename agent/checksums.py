@@ -17,7 +17,9 @@ except ImportError:  # pragma: no cover - without it, GCS objects are verified b
     google_crc32c = None
 _PLAIN = ("sha256", "git_sha1", "md5", "md5_base64", "crc32") + (("crc32c",) if google_crc32c is not None else ())
 # S3's COMPOSITE checksum of a multipart object: the checksum of its parts' checksums. The expected
-# value is "HEX-PARTS:PART_SIZE" (S3 reports "BASE64-PARTS"; the part size comes from a HEAD).
+# value is "HEX-PARTS:SIZES" (S3 reports "BASE64-PARTS"; the sizes come from the store, see
+# agent/sources/s3.py): SIZES is "P" when every part but the last has P bytes, else the sizes of
+# every part but the last, "S1,S2,...". The last part is always the rest of the object.
 COMPOSITE = tuple(f"{a}_composite" for a in ("crc32", "crc32c", "sha256") if a in _PLAIN)
 SUPPORTED = _PLAIN + COMPOSITE
 # When a store offers a CRC of the whole object as well as an MD5, the CRC alone is checked: it
@@ -50,19 +52,29 @@ class _Composite:
 
     def __init__(self, base: str, expected: str):
         self.base = base
-        self.part_size = max(1, _part_size(expected))
+        self.spec = expected.rpartition(":")[2]
+        self._sizes = _part_sizes(expected) or [1]
+        self._count = _part_count(expected)
         self._part = _hasher(base, 0)
         self._in_part = 0
         self._digests: list[bytes] = []
 
+    def _part_size(self) -> int | float:
+        """The size of the part being hashed: the object's last part takes whatever is left."""
+        i = len(self._digests)
+        if self._count and i >= self._count - 1:
+            return float("inf")
+        return self._sizes[min(i, len(self._sizes) - 1)]
+
     def update(self, data) -> None:
         view = memoryview(data)
         while view:
-            take = min(len(view), self.part_size - self._in_part)
+            part_size = self._part_size()
+            take = int(min(len(view), part_size - self._in_part))
             self._part.update(view[:take])
             self._in_part += take
             view = view[take:]
-            if self._in_part == self.part_size:
+            if self._in_part == part_size:
                 self._digests.append(bytes.fromhex(self._part.hexdigest()))
                 self._part, self._in_part = _hasher(self.base, 0), 0
 
@@ -71,18 +83,24 @@ class _Composite:
         return self._digests + ([bytes.fromhex(self._part.hexdigest())] if self._in_part else [])
 
     def hexdigest(self) -> str:
-        return _composite_hex(self.base, self.parts(), self.part_size)
+        return _composite_hex(self.base, self.parts(), self.spec)
 
 
-def _part_size(expected: str) -> int:
-    """The part size of a composite checksum's expected value "HEX-PARTS:PART_SIZE" (0 if absent)."""
-    return int(expected.rpartition(":")[2] or 0)
+def _part_sizes(expected: str) -> list[int]:
+    """The part sizes of a composite checksum's expected value "HEX-PARTS:SIZES" ([] if absent)."""
+    spec = expected.rpartition(":")[2] if ":" in expected else ""
+    return [int(s) for s in spec.split(",") if s.isdigit() and int(s) > 0]
 
 
-def _composite_hex(base: str, parts: list[bytes], part_size: int) -> str:
+def _part_count(expected: str) -> int:
+    count = expected.partition("-")[2].partition(":")[0]
+    return int(count) if count.isdigit() else 0
+
+
+def _composite_hex(base: str, parts: list[bytes], spec: str) -> str:
     outer = _hasher(base, 0)
     outer.update(b"".join(parts))
-    return f"{outer.hexdigest()}-{len(parts)}:{part_size}"
+    return f"{outer.hexdigest()}-{len(parts)}:{spec}"
 
 
 class _Crc32:
@@ -236,8 +254,8 @@ def _combinable(algo: str, expected: str, range_size: int) -> bool:
     if algo in _POLYS:
         return True
     if algo in COMPOSITE:  # parts must not straddle two ranges: each range then starts a part
-        part = _part_size(expected)
-        return part > 0 and range_size % part == 0
+        sizes = _part_sizes(expected)  # unequal parts (several sizes): hashed in file order
+        return len(sizes) == 1 and range_size % sizes[0] == 0
     return False  # sha256, md5, git_sha1: their state cannot be combined, only fed in order
 
 
@@ -278,7 +296,7 @@ class RangeDigests:
             ranges = [h[algo] for h in self.hashers]
             if algo in COMPOSITE:
                 parts = [d for h in ranges for d in h.parts()]
-                got[algo] = _composite_hex(ranges[0].base, parts, ranges[0].part_size)
+                got[algo] = _composite_hex(ranges[0].base, parts, ranges[0].spec)
             else:
                 value = ranges[0].value()
                 for h, length in zip(ranges[1:], self.fed[1:]):

@@ -22,12 +22,15 @@ def _summary(logger: Logger, r: PullResult) -> None:
     if r.already_ready:
         text = f"{r.model}@{r.revision}: already present and verified at {r.commit} ({r.path})"
     else:
+        resumed = f" ({human_bytes(r.bytes_resumed)} resumed from disk)" if r.bytes_resumed else ""
         text = (f"{r.model}@{r.revision} -> {r.commit}: {r.files} files, {human_bytes(r.bytes_total)}, "
-                f"fetched {human_bytes(r.bytes_fetched)} in {r.seconds:.1f}s ({human_bytes(rate)}/s) with {r.engine}; "
-                f"ready at {r.path}")
+                f"fetched {human_bytes(r.bytes_fetched)}{resumed} in {r.seconds:.1f}s ({human_bytes(rate)}/s) "
+                f"with {r.engine}; ready at {r.path}")
+    # The rate is the network's: bytes resumed from disk were not transferred.
     logger.info("summary", text if logger.fmt != "json" else "", model=r.model, revision=r.revision, commit=r.commit,
-                files=r.files, bytes=r.bytes_total, bytes_fetched=r.bytes_fetched, seconds=round(r.seconds, 3),
-                engine=r.engine, avg_rate_bps=int(rate), already_ready=r.already_ready, path=str(r.path))
+                files=r.files, bytes=r.bytes_total, bytes_fetched=r.bytes_fetched, bytes_resumed=r.bytes_resumed,
+                seconds=round(r.seconds, 3), engine=r.engine, avg_rate_bps=int(rate), already_ready=r.already_ready,
+                path=str(r.path))
 
 
 def cmd_pull(args, settings: Settings, logger: Logger, env) -> int:
@@ -118,7 +121,7 @@ Run it again: nothing is downloaded, the marker says it is all there.""")
     return 0
 
 
-def _with_metrics(settings: Settings, logger: Logger, model: str, fn, source_label: str = "hf"):
+def _with_metrics(settings: Settings, logger: Logger, model: str, fn, source_label: str = "hf", node: str | None = None):
     """Run `fn(metrics)` with the metrics endpoints, textfile and Pushgateway export around it."""
     from .metrics import Exporter, Metrics
 
@@ -128,7 +131,7 @@ def _with_metrics(settings: Settings, logger: Logger, model: str, fn, source_lab
         logger.info("metrics", f"serving /metrics, /healthz, /readyz on port {port}", port=port)
     try:
         with Exporter(metrics, textfile=settings.metrics_textfile, pushgateway=settings.pushgateway, model=model,
-                      logger=logger):
+                      logger=logger, node=node):
             return fn(metrics)
     finally:
         metrics.close()
@@ -159,7 +162,8 @@ def cmd_sync(args, settings: Settings, logger: Logger, env) -> int:
         syncer.run_forever(settings.interval)
         return 0
 
-    return _with_metrics(settings, logger, "sync", go)
+    # The DaemonSet sets it from the downward API's spec.nodeName: a pod's host name is the pod's name.
+    return _with_metrics(settings, logger, "sync", go, node=env.get("MODEL_AGENT_NODE_NAME") or None)
 
 
 def _keep_and_budget(args, settings: Settings):

@@ -7,6 +7,8 @@ with a one-line message that names the source, revision and path involved, never
 from __future__ import annotations
 
 import errno
+import re
+import ssl
 
 
 class AgentError(Exception):
@@ -28,6 +30,37 @@ class AuthError(AgentError):
 
     exit_code = 3
     kind = "auth"
+
+
+class CertificateError(AuthError):
+    """The store's (or the proxy's) TLS certificate is not trusted: the server could not prove who it
+    is. A retry never cures it; trusting the right CA (AWS_CA_BUNDLE, REQUESTS_CA_BUNDLE...) does."""
+
+    kind = "tls_certificate"
+
+    @classmethod
+    def untrusted(cls, what: str, peer: str, reason: str, hint: str, bundle: str | None) -> CertificateError:
+        trusted_by = f"the CA bundle {bundle}" if bundle else "the default CAs"
+        return cls(f"{what}: the TLS certificate of {peer} is not trusted by {trusted_by} ({reason}); "
+                   f"if a private CA signs it, point {hint} at that CA's bundle")
+
+
+_VERIFY_FAILED = re.compile(r"certificate verify failed: ([^()]+?) \(_ssl")
+
+
+def untrusted_reason(exc: BaseException | None) -> str | None:
+    """Why a certificate was refused, if `exc` (or what it wraps: SDKs wrap urllib3 wrapping ssl)
+    is a failed certificate verification; else None."""
+    for _ in range(8):
+        if exc is None:
+            return None
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return exc.verify_message or "certificate verify failed"
+        found = _VERIFY_FAILED.search(str(exc))
+        if found:
+            return found.group(1).strip()
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class NotFound(AgentError):

@@ -48,7 +48,7 @@ class Pools:
 
     def for_url(self, url: str) -> urllib3.PoolManager:
         parts = urlsplit(url)
-        proxy = proxy_for(parts.scheme, parts.hostname or "")
+        proxy = proxy_for(parts.scheme, parts.hostname or "", parts.port)
         if proxy is None:
             return self.direct
         with self._lock:
@@ -82,6 +82,9 @@ def classify_status(status: int, headers, what: str) -> Exception:
         if headers.get("X-Error-Code") == "GatedRepo":
             return AuthError(f"{what}: gated repo: accept its terms on the Hub and pass a token that has access")
         return AuthError(f"{what}: access refused (HTTP {status})")
+    if status == 407:  # from the egress proxy (an http store is reached with plain proxied GETs)
+        return AuthError(f"{what}: the proxy refused its credentials (HTTP 407): check the user and password "
+                         "in HTTP_PROXY / HTTPS_PROXY")
     if status == 404:
         return NotFound(f"{what}: not found (HTTP 404)")
     if status in (408, 425, 429) or 500 <= status <= 599:

@@ -49,8 +49,15 @@ class Metrics:
         self.gc_freed = Counter("model_agent_gc_freed_bytes", "Bytes freed by garbage collection", registry=r)
         self.gc_removed = Counter("model_agent_gc_snapshots_removed", "Snapshots removed by garbage collection",
                                   registry=r)
+        self.bytes_resumed = Counter("model_agent_bytes_resumed", "Bytes a pull found already on disk (resumed partials)",
+                                     ["model", "source"], registry=r)
         self._lock = threading.Lock()
-        self._expected_models: set[str] = set()
+        # Readiness is kept per declared entry (one repo may be declared at several revisions); the
+        # `ready` gauge of a model is 1 only when every entry of that model is.
+        self._entries: dict[str, str] = {}  # entry -> model label
+        self._entry_ready: dict[str, bool] = {}
+        self._info: dict[str, tuple[str, str, str]] = {}  # entry -> the labels of its snapshot_info series
+        self._sources: dict[str, str] = {}  # model -> source label, when one process pulls from several
         self._server: ThreadingHTTPServer | None = None
 
     # -- listener interface (see agent.progress.Listener) -------------------------------------------
@@ -60,7 +67,17 @@ class Metrics:
 
     def on_bytes(self, model: str, n: int) -> None:
         if n > 0:  # a Prometheus counter never goes down; bytes thrown away show up as retries
-            self.bytes_downloaded.labels(model, self.source_label).inc(n)
+            self.bytes_downloaded.labels(model, self.source_of(model)).inc(n)
+
+    def on_resumed(self, model: str, n: int) -> None:
+        if n > 0:
+            self.bytes_resumed.labels(model, self.source_of(model)).inc(n)
+
+    def source_of(self, model: str) -> str:
+        return self._sources.get(model, self.source_label)
+
+    def set_source(self, model: str, scheme: str) -> None:
+        self._sources[model] = scheme
 
     def on_file_done(self, model: str) -> None:
         self.files_completed.labels(model).inc()
@@ -73,37 +90,73 @@ class Metrics:
             self.phase.labels(model, p).set(1 if p == phase else 0)
 
     # -- pull lifecycle -------------------------------------------------------------------------
-    def expect(self, model: str) -> None:
+    # `entry` names what was declared (sync: the model and its revision); a single pull's is its model.
+    def expect(self, model: str, entry: str | None = None) -> None:
         with self._lock:
-            self._expected_models.add(model)
-        self.ready.labels(model).set(0)
+            self._entries[entry or model] = model
+        self._set_ready(entry or model, False)
 
-    def finished(self, model: str, revision: str, commit: str, seconds: float, result: str) -> None:
+    def finished(self, model: str, revision: str, commit: str, seconds: float, result: str,
+                 entry: str | None = None) -> None:
         self.pulls.labels(model, result).inc()
         self.duration.labels(model).observe(seconds)
         if result == "success":
-            self.mark_ready(model, revision, commit)
+            self.mark_ready(model, revision, commit, entry)
         else:
+            self._set_ready(entry or model, False)
             self.on_phase(model, "failed")
 
-    def mark_ready(self, model: str, revision: str, commit: str) -> None:
-        self.ready.labels(model).set(1)
-        self.info.labels(model, revision, commit).set(1)
+    def mark_ready(self, model: str, revision: str, commit: str, entry: str | None = None) -> None:
+        self._set_ready(entry or model, True)
+        self._set_info(entry or model, (model, revision, commit))
         self.on_phase(model, "done")
 
-    def declare(self, models: list[str]) -> None:
-        """Sync mode: exactly these models are expected (a dropped model stops counting)."""
+    def declare(self, entries: dict[str, str]) -> None:
+        """Sync mode: exactly these entries (entry -> model) are expected. A dropped entry stops counting
+        and its info series goes, so a long-running daemon's series stay bounded by the models file."""
         with self._lock:
-            self._expected_models = set(models)
-        self.models_declared.set(len(models))
+            self._entries = dict(entries)
+            self._entry_ready = {e: ok for e, ok in self._entry_ready.items() if e in entries}
+        for entry in [e for e in list(self._info) if e not in entries]:
+            self._set_info(entry, None)
+        self.models_declared.set(len(entries))
+        for model in set(entries.values()):
+            self._refresh_model(model)
 
-    def is_ready(self, model: str) -> bool:
-        return self.ready.labels(model)._value.get() == 1
+    def _set_info(self, entry: str, labels: tuple[str, str, str] | None) -> None:
+        """One `snapshot_info` series per entry: a moved ref replaces the old commit's series."""
+        with self._lock:
+            old = self._info.pop(entry, None)
+            if labels is not None:
+                self._info[entry] = labels
+            shared = old in self._info.values()  # the same repo and revision declared twice
+        if old is not None and old != labels and not shared:
+            self.info.remove(*old)
+        if labels is not None:
+            self.info.labels(*labels).set(1)
+
+    def _set_ready(self, entry: str, ok: bool) -> None:
+        with self._lock:
+            self._entry_ready[entry] = ok
+            model = self._entries.setdefault(entry, entry)
+        self._refresh_model(model)
+
+    def _refresh_model(self, model: str) -> None:
+        with self._lock:
+            ok = all(self._entry_ready.get(e, False) for e, m in self._entries.items() if m == model)
+        self.ready.labels(model).set(1 if ok else 0)
+
+    def is_ready(self, entry: str) -> bool:
+        with self._lock:
+            return self._entry_ready.get(entry, False)
+
+    def ready_count(self) -> int:
+        with self._lock:
+            return sum(1 for e in self._entries if self._entry_ready.get(e, False))
 
     def all_ready(self) -> bool:
         with self._lock:
-            models = list(self._expected_models)
-        return bool(models) and all(self.is_ready(m) for m in models)
+            return bool(self._entries) and all(self._entry_ready.get(e, False) for e in self._entries)
 
     # -- exposition -----------------------------------------------------------------------------
     def render(self) -> bytes:
@@ -161,12 +214,14 @@ class Exporter:
     """
 
     def __init__(self, metrics: Metrics, *, textfile: Path | None, pushgateway: str | None, model: str,
-                 logger, interval: float = 10.0, job: str = "model-agent"):
+                 logger, interval: float = 10.0, job: str = "model-agent", node: str | None = None):
         self.metrics, self.textfile, self.pushgateway = metrics, textfile, pushgateway
         self.model, self.logger, self.interval, self.job = model, logger, interval, job
         # One Job pulls one model: group by it, so a retried pod replaces its predecessor's metrics.
         # A sync DaemonSet runs on every node: group by node, or the nodes would overwrite each other.
-        self.grouping = {"instance": socket.gethostname()} if model == "sync" else {"model": model}
+        # The node's name, not the host name: in a pod that is the pod's name, new at every rollout,
+        # and each old group would keep its stale `snapshot_ready` forever.
+        self.grouping = {"instance": node or socket.gethostname()} if model == "sync" else {"model": model}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="metrics-export", daemon=True)
 

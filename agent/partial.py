@@ -94,13 +94,29 @@ class PartialFile:
         self.direct_fd = directio.open_direct(self.path) if direct and self.chunk % directio.ALIGN == 0 else None
         self.direct_refused = False
 
-    def aligned_done(self, idx: int) -> int:
-        """Bytes of range `idx` landed, rounded down to directio.ALIGN (the few above are fetched again)."""
+    def rewind_to_alignment(self, idx: int) -> bool:
+        """Let range `idx` go on with O_DIRECT: rewind its landed count to directio.ALIGN (the few bytes
+        above are fetched again). False, and nothing changed, when some of those bytes were hashed
+        already (a body cut short in this run): sent again, they would overwrite hashed bytes unhashed
+        and a re-send that differs would pass verification; the range then goes on buffered."""
         start, end = self.bounds(idx)
+
+        def aligned_or_complete() -> bool:  # a complete range stays complete, short tail and all
+            return self.done[idx] % directio.ALIGN == 0 or self.done[idx] >= end - start
+
         with self.lock:
-            if self.done[idx] < end - start:  # a complete range stays complete, short tail and all
-                self.done[idx] -= self.done[idx] % directio.ALIGN
-            return self.done[idx]
+            if aligned_or_complete():
+                return True  # the usual case: no wait for a hasher
+        with self._hash_lock, self.lock:  # no file-order hasher reads this range meanwhile
+            if aligned_or_complete():
+                return True
+            aligned = self.done[idx] - self.done[idx] % directio.ALIGN
+            digests = self.digests
+            hashed = digests.fed[idx] if isinstance(digests, checksums.RangeDigests) else digests.fed - start
+            if hashed > aligned:
+                return False
+            self.done[idx] = aligned
+            return True
 
     def write_direct(self, view: memoryview, pos: int) -> bool:
         """pwrite an aligned unit with O_DIRECT; False (and buffered from now on) if the file system refuses."""
@@ -280,7 +296,7 @@ class PartialFile:
 
     def reset(self) -> int:
         """Throw every byte away (bad checksum, or a server that ignores ranges); returns how many."""
-        with self.lock, self._hash_lock:
+        with self._hash_lock, self.lock:  # the order every holder of both takes them in
             lost = sum(self.done)
             self.done = [0] * self.count
             self.digests = checksums.Digests(self.file.size, self.file.checksums)

@@ -38,10 +38,11 @@ class PullResult:
     path: Path  # the snapshot folder (HF layout) or the local dir
     files: int
     bytes_total: int
-    bytes_fetched: int
+    bytes_fetched: int  # over the network in this process
     seconds: float
     engine: str
     already_ready: bool = False
+    bytes_resumed: int = 0  # found in partial files an earlier run left: never fetched again
 
 
 def make_layout(settings: Settings, source: Source):
@@ -302,6 +303,7 @@ class Pull:
             nfiles, total = len(files), sum(f.size for f in files)
         return PullResult(
             model=self.model, revision=self.revision, commit=commit, path=snapshot_path(self.layout, commit),
-            files=nfiles, bytes_total=total, bytes_fetched=max(self.progress.fetched, 0),
+            files=nfiles, bytes_total=total, bytes_fetched=self.progress.fetched,
+            bytes_resumed=self.progress.resumed,
             seconds=time.monotonic() - self.started, engine=engine, already_ready=already_ready,
         )

@@ -32,7 +32,22 @@ def apply_globs(files: list[RemoteFile], include: tuple[str, ...], exclude: tupl
             and not any(_match(f.path, p) for p in exclude)]
     if not kept:
         raise InvalidInput(f"{what}: the include/exclude globs leave no file to download")
+    refuse_file_folder_clash(kept, what)
     return kept
+
+
+def refuse_file_folder_clash(files: list[RemoteFile], what: str) -> None:
+    """A bucket may hold `x` and `x/y`; a file system cannot. Found here, before the first byte, as
+    bad input (exit 2) rather than as a FileExistsError halfway through (exit 1, which Jobs retry).
+    After the globs: leaving one of the two out is the way through."""
+    paths = {f.path for f in files}
+    for f in files:
+        parts = f.path.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in paths:
+                raise InvalidInput(f"{what}: {folder!r} is both a file and a folder (of {f.path!r}); a file system "
+                                   f"cannot hold both: remove one from the source, or leave one out with --exclude")
 
 
 def trusted_etags(layout) -> set[tuple[str, str]]:

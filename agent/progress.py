@@ -1,8 +1,9 @@
 """Progress of one pull: counters shared by the log, the terminal bar and (later) the metrics.
 
-The transfer code calls `add_bytes` (negative when a retry throws bytes away), `file_done` and
-`retry`. A terminal gets a progress bar; a pod (no TTY) or `--log-format json` gets a JSON line at
-a steady interval with bytes, total, percent, rate, ETA and phase.
+The transfer code calls `add_bytes` (negative when a retry throws bytes away), `add_resumed` (bytes
+an earlier run left in a partial file), `file_done` and `retry`. A terminal gets a progress bar; a
+pod (no TTY) or `--log-format json` gets a JSON line at a steady interval with bytes, total,
+percent, rate, ETA and phase.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Listener(Protocol):
 
     def on_start(self, model: str, commit: str, total_bytes: int, files: int) -> None: ...
     def on_bytes(self, model: str, n: int) -> None: ...
+    def on_resumed(self, model: str, n: int) -> None: ...
     def on_file_done(self, model: str) -> None: ...
     def on_retry(self, model: str, reason: str) -> None: ...
     def on_phase(self, model: str, phase: str) -> None: ...
@@ -42,7 +44,8 @@ class PullProgress:
         self.total = 0
         self.files_total = 0
         self.done_bytes = 0  # what is on disk for this pull, resumed bytes included
-        self.fetched = 0  # what came over the network in this process
+        self.fetched = 0  # what came over the network in this process, bytes later thrown away included
+        self.resumed = 0  # what an earlier run had landed in partial files, reused without a request
         self.files_done = 0
         self.retries = 0
         self.phase = "resolve"
@@ -73,11 +76,24 @@ class PullProgress:
             self._thread.start()
 
     def add_bytes(self, n: int) -> None:
+        """Network bytes landed (n > 0), or bytes thrown away (n < 0): those were fetched all the same."""
         with self._lock:
             self.done_bytes += n
-            self.fetched += n
+            self.fetched += max(n, 0)
         for listener in self.listeners:
             listener.on_bytes(self.model, n)
+        self._update_bar()
+
+    def add_resumed(self, n: int) -> None:
+        """Bytes found on disk: they count towards the snapshot, never towards the network or the rate."""
+        with self._lock:
+            self.done_bytes += n
+            self.resumed += n
+        for listener in self.listeners:
+            listener.on_resumed(self.model, n)
+        self._update_bar()
+
+    def _update_bar(self) -> None:
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done_bytes)
 

@@ -26,11 +26,13 @@ from .log import Logger
 from .metrics import Metrics
 from .modelsfile import ModelsFile, ModelSpec, load
 from .pipeline import Pull, PullResult
-from .sources.base import parse_source
+from .sources.base import SourceRef, parse_source
 
 
 @dataclass
 class RoundResult:
+    """Keyed by declared entry (see `Declared.entry`): one repo at two revisions is two entries."""
+
     results: dict[str, PullResult] = field(default_factory=dict)
     errors: dict[str, AgentError] = field(default_factory=dict)
     freed: int = 0
@@ -56,6 +58,32 @@ def settings_for(spec: ModelSpec, base: Settings, mf: ModelsFile) -> Settings:
         workers=base.workers if "workers" in base.explicit else mf.workers or base.workers,
         local_dir=spec.local_dir,
     )
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One model of the models file, with the names the metrics, the log and the round result use."""
+
+    spec: ModelSpec
+    ref: SourceRef
+    model: str  # the `model` label, the same on every series: the repo id, `repo_id` for a bucket
+    entry: str  # what readiness and the round's results are keyed by: model@revision
+
+    @staticmethod
+    def all(mf: ModelsFile, base: Settings) -> list[Declared]:
+        out: list[Declared] = []
+        for spec in mf.models:
+            ref = parse_source(spec.source)
+            repo_id = spec.repo_id or base.repo_id
+            if repo_id and ref.scheme != "hf":  # a bucket stored under `repo_id` is known by that name
+                ref = dataclasses.replace(ref, repo_id=repo_id)
+            revision = spec.revision or ref.revision
+            entry = f"{ref.model_id()}@{revision}" if revision else ref.model_id()
+            taken = {d.entry for d in out}
+            if entry in taken:  # the same repo and revision twice (other globs): still two entries
+                entry = next(f"{entry}#{n}" for n in range(2, len(out) + 2) if f"{entry}#{n}" not in taken)
+            out.append(Declared(spec, ref, ref.model_id(), entry))
+        return out
 
 
 def keep_for(mf: ModelsFile, base: Settings) -> gc.Keep:
@@ -85,9 +113,8 @@ class Syncer:
     def cache_dir(self, mf: ModelsFile) -> Path:
         return self.settings.cache_dir if self.settings.cache_dir_explicit or mf.cache_dir is None else mf.cache_dir
 
-    def _pull(self, spec: ModelSpec, mf: ModelsFile) -> PullResult:
-        settings = settings_for(spec, self.settings, mf)
-        ref = parse_source(spec.source)
+    def _pull(self, d: Declared, mf: ModelsFile) -> PullResult:
+        settings, ref = settings_for(d.spec, self.settings, mf), d.ref
         try:
             pull = Pull(ref, settings, self.logger, listeners=[self.metrics])
             result = pull.run()
@@ -96,9 +123,9 @@ class Syncer:
         record_use(pull.layout, result.commit)  # declared and ready this round: in use
         return result
 
-    def _pull_with_gc(self, spec: ModelSpec, mf: ModelsFile, round_: RoundResult) -> PullResult:
+    def _pull_with_gc(self, d: Declared, mf: ModelsFile, round_: RoundResult) -> PullResult:
         try:
-            return self._pull(spec, mf)
+            return self._pull(d, mf)
         except DiskFull as exc:
             if not self.collect_garbage:
                 raise
@@ -107,7 +134,7 @@ class Syncer:
             round_.freed += freed
             if not victims:
                 raise DiskFull(f"{exc} (and garbage collection found nothing it may remove)", need=exc.need, free=exc.free) from None
-            return self._pull(spec, mf)
+            return self._pull(d, mf)
 
     def _collect(self, mf: ModelsFile, need: int = 0, force_need: bool = False):
         cache = self.cache_dir(mf)
@@ -132,11 +159,10 @@ class Syncer:
             self.metrics.gc_removed.inc(len(victims))
         return victims, freed, outcome.used
 
-    def _failed(self, result: RoundResult, spec: ModelSpec, model: str, exc: AgentError) -> None:
-        result.errors[model] = exc
-        self.metrics.finished(model, spec.revision or "main", "", 0.0, exc.kind)
-        self.metrics.ready.labels(model).set(0)
-        self.logger.error(exc.kind, f"{model}: {exc}", model=model, exit_code=exc.exit_code)
+    def _failed(self, result: RoundResult, d: Declared, exc: AgentError) -> None:
+        result.errors[d.entry] = exc
+        self.metrics.finished(d.model, d.spec.revision or "main", "", 0.0, exc.kind, entry=d.entry)
+        self.logger.error(exc.kind, f"{d.entry}: {exc}", model=d.model, entry=d.entry, exit_code=exc.exit_code)
 
     def _collect_after_round(self, mf: ModelsFile) -> int:
         if not self.collect_garbage:
@@ -152,28 +178,29 @@ class Syncer:
         started = time.monotonic()
         mf = load(self.config_path)
         self.interval = mf.interval
-        models = [spec.repo_id or parse_source(spec.source).model_id() for spec in mf.models]
-        self.metrics.declare(models)
+        declared = Declared.all(mf, self.settings)
+        self.metrics.declare({d.entry: d.model for d in declared})
         result = RoundResult()
-        for spec, model in zip(mf.models, models):
+        for d in declared:
             if self.stop.is_set():
                 break
+            self.metrics.set_source(d.model, d.ref.scheme)
             try:
-                result.results[model] = r = self._pull_with_gc(spec, mf, result)
-                self.metrics.finished(model, r.revision, r.commit, r.seconds, "success")
+                result.results[d.entry] = r = self._pull_with_gc(d, mf, result)
+                self.metrics.finished(d.model, r.revision, r.commit, r.seconds, "success", entry=d.entry)
             except AgentError as exc:
-                self._failed(result, spec, model, exc)
+                self._failed(result, d, exc)
             except OSError as exc:  # outside a pull (e.g. the GC that makes room): still this model's failure
-                self._failed(result, spec, model, from_oserror(exc, "garbage collection making room"))
+                self._failed(result, d, from_oserror(exc, "garbage collection making room"))
         result.freed += self._collect_after_round(mf)
-        ready = sum(1 for m in models if self.metrics.is_ready(m))
+        ready = sum(1 for d in declared if self.metrics.is_ready(d.entry))
         self.metrics.models_ready.set(ready)
         outcome = "success" if not result.errors else ("failed" if not result.results else "partial")
         self.metrics.sync_rounds.labels(outcome).inc()
         self.metrics.sync_duration.observe(time.monotonic() - started)
-        self.logger.info("sync_round", f"sync round: {ready}/{len(models)} models ready, {len(result.errors)} failed, "
+        self.logger.info("sync_round", f"sync round: {ready}/{len(declared)} models ready, {len(result.errors)} failed, "
                          f"{result.freed} bytes freed" if self.logger.fmt != "json" else "",
-                         ready=ready, declared=len(models), failed=sorted(result.errors), freed_bytes=result.freed,
+                         ready=ready, declared=len(declared), failed=sorted(result.errors), freed_bytes=result.freed,
                          seconds=round(time.monotonic() - started, 3))
         return result
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Protocol
@@ -31,6 +30,7 @@ class Stopped(Exception):
 
 class Progress(Protocol):
     def add_bytes(self, n: int) -> None: ...  # negative when a retry throws bytes away
+    def add_resumed(self, n: int) -> None: ...  # bytes an earlier run left: not network bytes
     def file_done(self, file: RemoteFile) -> None: ...
     def retry(self, reason: str, delay: float, what: str) -> None: ...
 
@@ -47,7 +47,7 @@ class Transfer:
     """Runs every file's ranges on one bounded pool; the first hard error stops the rest."""
 
     def __init__(self, reader: RangeReader, progress: Progress, *, workers: int, chunk_size: int,
-                 policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep, direct_io: bool = True,
+                 policy: RetryPolicy, sleep: Callable[[float], None] | None = None, direct_io: bool = True,
                  fence: Callable[[], None] = lambda: None):
         self.reader = reader
         # Raises (LeaseLost) once this writer may no longer write: asked before every write and promote.
@@ -57,7 +57,7 @@ class Transfer:
         self.workers = workers
         self.chunk_size = chunk_size
         self.policy = policy
-        self.sleep = sleep
+        self.sleep = sleep or self._backoff
         self.stop = threading.Event()
         self._first_error: BaseException | None = None
         self.dirty_dirs: set[Path] = set()
@@ -73,6 +73,13 @@ class Transfer:
             if self._first_error is None and not isinstance(exc, Stopped):
                 self._first_error = exc
         self.stop.set()
+
+    def _backoff(self, seconds: float) -> None:
+        """A retry's wait that ends the moment the transfer stops (SIGTERM unwinding the main thread,
+        another file's hard error): a worker must never hold the pod past its grace period in a
+        Retry-After of up to two minutes."""
+        if self.stop.wait(seconds):
+            raise Stopped()
 
     def run(self, jobs: list[FileJob]) -> None:
         if not jobs:
@@ -134,7 +141,7 @@ class Transfer:
             with self._dir_lock:
                 self._opened.append(pf)
             if pf.resumed_bytes:
-                self.progress.add_bytes(pf.resumed_bytes)
+                self.progress.add_resumed(pf.resumed_bytes)
             return pf
 
         if job.file.size <= range_size or not reader.ranged:
@@ -204,7 +211,7 @@ class Transfer:
 
     def _fetch_range(self, reader: RangeReader, pf: PartialFile, idx: int) -> None:
         start, end = pf.bounds(idx)
-        if pf.direct_fd is not None:
+        if pf.direct_fd is not None and pf.rewind_to_alignment(idx):
             return self._fetch_range_direct(reader, pf, idx, start, end)
         pos = start + pf.done[idx]
         if pos >= end and pf.file.size:
@@ -226,8 +233,10 @@ class Transfer:
 
     def _fetch_range_direct(self, reader: RangeReader, pf: PartialFile, idx: int, start: int, end: int) -> None:
         """The range through the thread's aligned buffer, one directio.UNIT per pwrite. Bytes count as
-        landed (resume record, progress, digests) only once their unit is written."""
-        unit_pos = start + pf.aligned_done(idx)
+        landed (resume record, progress, digests) only once their unit is written. A range whose hashed
+        bytes end off the alignment (a body cut short) goes on through the page cache instead (see
+        PartialFile.rewind_to_alignment): hashed bytes are never written again."""
+        unit_pos = start + pf.done[idx]
         if unit_pos >= end and pf.file.size:
             return
         buf = directio.staging_buffer()

@@ -45,3 +45,14 @@ fi
 
 # --- durability (issue 11): strace, to see the fsync of links and copies before the marker ---------
 apt_install strace strace
+
+# --- egress proxies (issue 12): Debian's squid, the proxy the object-store tests go through -------
+# tests/objstore/squid.py starts its own squid on 127.0.0.1 with its own config; the package's
+# service must not start (same policy-rc.d guard as for prometheus above).
+if ! command -v squid >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt_install squid squid
+fi

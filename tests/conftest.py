@@ -34,6 +34,40 @@ def hub(tmp_path):
         yield srv
 
 
+# The object stores the suite runs against: one of each for the whole run (they start in seconds, but
+# several of each would add up), on 127.0.0.1; tests keep apart by bucket or container name.
+@pytest.fixture(scope="session")
+def weed(tmp_path_factory):
+    from objstore.servers import SeaweedFS
+
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    from objstore.servers import MotoServer
+
+    with MotoServer(tmp_path_factory.mktemp("moto")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    from objstore.servers import FakeGcs
+
+    with FakeGcs(tmp_path_factory.mktemp("fake-gcs")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    from objstore.servers import Azurite
+
+    with Azurite(tmp_path_factory.mktemp("azurite")) as srv:
+        yield srv
+
+
 @pytest.fixture(scope="module")
 def xet_hub(tmp_path_factory, demo_files):
     with HubServer(tmp_path_factory.mktemp("xet-hub"), xet=True) as srv:

@@ -15,7 +15,6 @@ project's own Hub server.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -111,8 +110,13 @@ def workloads(docs: list[dict]) -> list[dict]:
     return [d for d in docs if d["kind"] in WORKLOADS]
 
 
+# What the kubelet fills in from the downward API, for the tests that run a container's process.
+DOWNWARD_API = {"spec.nodeName": "node-under-test"}
+
+
 def env_of(c: dict) -> dict[str, str]:
-    return {e["name"]: e.get("value") for e in c.get("env", [])}
+    return {e["name"]: e["value"] if "value" in e else DOWNWARD_API[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            for e in c.get("env", [])}
 
 
 def flag(args: list[str], name: str) -> str | None:
@@ -382,6 +386,9 @@ def test_daemonset_targets_gpu_nodes_and_serves_metrics(rendered):
     assert sync["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert [c["name"] for c in spec["initContainers"]] == ["own-cache-dir", "fill"]
     assert container(ds, "fill")["args"][:4] == ["sync", "--once", "--config", flag(sync["args"], "--config")]
+    # Pushgateway groups and logs name the node, not the pod (a new name at every rollout).
+    for c in (sync, container(ds, "fill")):
+        assert {"name": "MODEL_AGENT_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in c["env"]
     # the consumer runs on the same nodes as the cache it reads
     vllm = one(docs, "Deployment", "vllm")
     assert pod_spec(vllm)["nodeSelector"] == spec["nodeSelector"]

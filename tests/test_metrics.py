@@ -7,7 +7,7 @@ import subprocess
 import time
 import urllib.request
 
-from conftest import ROOT, agent_cmd, hub_env, pull_args, run_agent
+from conftest import ROOT, agent_cmd, hub_env, pull_args
 from test_resilience import largest
 
 

@@ -12,7 +12,6 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -91,7 +90,9 @@ def test_a_real_prometheus_scrapes_the_agent(hub, big_files, tmp_path):
 def test_a_real_pushgateway_receives_the_metrics(hub, demo_files, tmp_path):
     commit = hub.add_repo("org/model", demo_files)
     port = free_port()
-    gw = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}"],
+    # Debian's build persists groups to /var/lib by default: a run would see the groups of runs before it.
+    gw = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}",
+                           f"--persistence.file={tmp_path / 'pushgateway.data'}"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/-/ready")

@@ -20,12 +20,6 @@ MiB = 2**20
 _names = itertools.count()
 
 
-@pytest.fixture(scope="session")
-def azurite(tmp_path_factory):
-    with Azurite(tmp_path_factory.mktemp("azurite")) as srv:
-        yield srv
-
-
 def make_container(az, files: dict[str, bytes], prefix: str = "m/") -> str:
     name = f"models-{os.getpid()}-{next(_names)}"
     container = az.service().create_container(name)

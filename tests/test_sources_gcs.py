@@ -13,17 +13,10 @@ import pytest
 from objstore.helpers import (FAST, agent, assert_hf_snapshot, assert_local_dir, content_id, env_for, hf_loads_offline, popen,
                               send_json, summary)
 from objstore.proxy import FaultProxy
-from objstore.servers import FakeGcs
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 2**20
 _names = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def gcs(tmp_path_factory):
-    with FakeGcs(tmp_path_factory.mktemp("fake-gcs")) as srv:
-        yield srv
 
 
 def make_bucket(gcs, files: dict[str, bytes], prefix: str = "m/") -> str:

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
@@ -19,23 +18,10 @@ from objstore.helpers import (FAST, agent, assert_hf_snapshot, assert_local_dir,
                               hf_loads_offline, popen, summary)
 from objstore.proxy import FaultProxy
 from test_lease_fencing import crash_after_last_range
-from objstore.servers import MotoServer, SeaweedFS
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 2**20
 _names = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def weed(tmp_path_factory):
-    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="session")
-def moto(tmp_path_factory):
-    with MotoServer(tmp_path_factory.mktemp("moto")) as srv:
-        yield srv
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import ROOT, agent_cmd, hub_env, run_agent
 from test_metrics import free_port, scrape
-from test_pull import assert_snapshot, json_lines
+from test_pull import json_lines
 
 SMALL = {"config.json": b'{"v": 1}', "weights.bin": b"W" * 300_000, "shared.bin": b"S" * 200_000}
 

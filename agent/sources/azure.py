@@ -17,7 +17,8 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from ..errors import AgentError, AuthError, InvalidInput, NotFound, Retryable
+from ..errors import AgentError, AuthError, CertificateError, InvalidInput, NotFound, Retryable, untrusted_reason
+from ..proxies import REQUESTS_CA_VARIABLES, ca_bundle_from
 from .base import RangeReader, RemoteFile, SourceRef, register
 from .objstore import ObjectInfo, ObjectStoreSource, PinnedHttpReader, content_key, parse_bucket_uri, require_sdk
 
@@ -81,6 +82,9 @@ class AzureSource(ObjectStoreSource):
     def map_error(self, exc: Exception, what: str) -> Exception:
         from azure.core import exceptions as ax
 
+        if untrusted := untrusted_reason(exc):
+            return CertificateError.untrusted(what, self.settings.endpoint_url or "the blob endpoint", untrusted,
+                                              "REQUESTS_CA_BUNDLE", ca_bundle_from(REQUESTS_CA_VARIABLES))
         status = getattr(exc, "status_code", None)
         code = str(getattr(exc, "error_code", "") or "")
         if isinstance(exc, ax.ClientAuthenticationError) or status in (401, 403) or "CredentialUnavailable" in type(exc).__name__:
@@ -98,7 +102,9 @@ class AzureSource(ObjectStoreSource):
         return AgentError(f"{what}: {type(exc).__name__}: {code or exc}")
 
     def list_objects(self):
-        for b in self.container().list_blobs(name_starts_with=self.ref.prefix or None):
+        for b in self.container().list_blobs(name_starts_with=self.ref.prefix or None, include=["metadata"]):
+            if (b.metadata or {}).get("hdi_isfolder") == "true":
+                continue  # ADLS Gen2 lists each folder, empty ones too, as a zero-byte blob: not a file
             md5 = bytes(b.content_settings.content_md5).hex() if b.content_settings.content_md5 else None
             etag = str(b.etag).strip('"')
             version_id = getattr(b, "version_id", None)
@@ -124,6 +130,8 @@ class AzureReader(PinnedHttpReader):
 
     def __init__(self, source: AzureSource):
         super().__init__(source)
+        # azure-core's requests transport trusts REQUESTS_CA_BUNDLE (or CURL_CA_BUNDLE), as requests does.
+        self.pool.trust(ca_bundle_from(REQUESTS_CA_VARIABLES), "REQUESTS_CA_BUNDLE")
         self.azure = source
         self.container = source.container()
         self._urls: dict[str, tuple[float, str]] = {}

