@@ -16,18 +16,20 @@ from .log import Logger, add_secret, redact
 
 EPILOG = """exit codes: 0 done, 1 internal error, 2 invalid input, 3 auth refused, 4 not found,
 5 integrity, 6 disk full, 7 transient failures outlasted retries, 8 timed out.
-Every option also reads from MODEL_AGENT_<OPTION>, e.g. MODEL_AGENT_CACHE_DIR."""
+Every option also reads from MODEL_AGENT_<OPTION>, e.g. MODEL_AGENT_CACHE_DIR, MODEL_AGENT_ONCE=1.
+The cache: --cache-dir, else a models file's cache_dir, else HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE,
+HF_HOME/hub, $XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub."""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     # default=None everywhere: build_settings tells "not given" from a value, then tries the env.
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--cache-dir", help="HF cache (default: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub)")
+    where.add_argument("--cache-dir", help="HF cache (default: HF_HUB_CACHE, HF_HOME/hub, $XDG_CACHE_HOME/huggingface/hub)")
     where.add_argument("--local-dir", help="put the files flat under this folder instead")
     p.add_argument("--repo-id", help="ORG/NAME to store an object-store source under in the HF layout")
     p.add_argument("--log-format", choices=("text", "json"), help="default: text on a terminal, json otherwise")
-    p.add_argument("--token-file", help="file holding the Hub token (else HF_TOKEN, HF_TOKEN_PATH)")
+    p.add_argument("--token-file", help="file holding the Hub token, re-read when it changes (else HF_TOKEN, HF_TOKEN_PATH)")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
 
 
@@ -70,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(verify)
 
     sync = sub.add_parser("sync", help="keep the cache equal to a models file, within a disk budget")
-    sync.add_argument("--config", required=True, help="models file (YAML), e.g. a mounted ConfigMap")
-    sync.add_argument("--once", action="store_true", help="converge once and exit (init containers)")
+    sync.add_argument("--config", help="models file (YAML), e.g. a mounted ConfigMap (required)")
+    # default=None, not False: "not given" must let MODEL_AGENT_ONCE decide (an init container's env)
+    sync.add_argument("--once", action="store_true", default=None, help="converge once and exit (init containers)")
     sync.add_argument("--interval", help="time between rounds (default: the file's `interval`, else 10m)")
     sync.add_argument("--cache-dir")
     sync.add_argument("--engine", choices=("auto", "xet", "hf_transfer", "http"))
@@ -95,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     gcp.add_argument("--cache-dir")
     gcp.add_argument("--config", help="models file: its models (and pins) are kept, others may go")
     gcp.add_argument("--max-bytes", help="shrink the cache to at most this size (e.g. 500Gi)")
-    gcp.add_argument("--dry-run", action="store_true", help="print what would go and why, remove nothing")
+    gcp.add_argument("--dry-run", action="store_true", default=None, help="print what would go and why, remove nothing")
     gcp.add_argument("--log-format", choices=("text", "json"))
     gcp.add_argument("--lease-ttl")
 
@@ -121,14 +124,36 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
     raise Terminated()
 
 
+def _early_log_format(args, env: dict[str, str]) -> str:
+    fmt = getattr(args, "log_format", None) or env.get("MODEL_AGENT_LOG_FORMAT") or "auto"
+    if fmt not in ("text", "json"):
+        fmt = "text" if sys.stderr.isatty() else "json"
+    return fmt
+
+
+def _export_expanded_paths(env: dict[str, str]) -> None:
+    """hf_xet reads HF_HOME itself (its logs, its cache) and does not expand `$VAR` or `~`: give the
+    libraries in this process the path the agent resolved, not a literal `$VOLUME` folder in cwd."""
+    from .config import expand
+
+    for name in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_XET_CACHE", "XDG_CACHE_HOME"):
+        value = env.get(name)
+        if value and ("$" in value or value.startswith("~")):
+            os.environ[name] = str(expand(value, env))
+
+
 def run(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
+    own_env = env is None
     env = dict(os.environ if env is None else env)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     args = build_parser().parse_args(argv)
-    logger = Logger("text")
+    # Until the settings are built (they may be what is wrong), log in the format asked for.
+    logger = Logger(_early_log_format(args, env))
     try:
         settings = build_settings(vars(args), env)
+        if own_env:
+            _export_expanded_paths(env)
         add_secret(settings.token)
         for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN",
                      "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_SECRET"):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .cache_index import record_use
 from .config import Settings
+from .token import Credential
 from .inspect_cache import verify_snapshot, wait_ready
 from .log import Logger
 from .pipeline import Pull, PullResult, make_layout
@@ -36,9 +37,9 @@ def _summary(logger: Logger, r: PullResult) -> None:
 def cmd_pull(args, settings: Settings, logger: Logger, env) -> int:
     from .errors import AgentError, InvalidInput
 
-    if bool(args.config) == bool(args.source):
-        raise InvalidInput("pull: give either SOURCE or --config models.yaml")
-    if args.config:
+    if bool(settings.config) == bool(args.source):
+        raise InvalidInput("pull: give either SOURCE or --config models.yaml (or MODEL_AGENT_CONFIG)")
+    if settings.config:
         return _pull_config(args, settings, logger)
     ref = parse_source(args.source)
     if settings.repo_id and ref.scheme != "hf":  # a bucket stored under --repo-id is known by that name
@@ -105,8 +106,8 @@ def cmd_demo(args, settings: Settings, logger: Logger, env) -> int:
         with HubServer(Path(tmp) / "hub", xet=settings.engine in ("auto", "xet")) as hub:
             hub.add_repo("demo-org/tiny-llm", files)
             logger.info("demo", f"embedded Hub serving demo-org/tiny-llm at {hub.url} (no network needed)")
-            demo_settings = dataclasses.replace(settings, cache_dir=cache_dir, hf_endpoint=hub.url, token=None,
-                                                offline=False, local_dir=None)
+            demo_settings = dataclasses.replace(settings, cache_dir=cache_dir, hf_endpoint=hub.url, credential=Credential(None),
+                                                offline=False, xet_disabled=False, local_dir=None)
             ref = parse_source("demo-org/tiny-llm")
             result = Pull(ref, demo_settings, logger, tty=sys.stderr.isatty()).run()
             _summary(logger, result)
@@ -143,7 +144,7 @@ def _pull_config(args, settings: Settings, logger: Logger) -> int:
 
     def go(metrics) -> int:
         # Never GC: the volume may hold other teams' snapshots this file knows nothing about.
-        syncer = Syncer(Path(args.config), settings, logger, metrics, collect_garbage=False)
+        syncer = Syncer(settings.config, settings, logger, metrics, collect_garbage=False)
         result = syncer.round()
         for r in result.results.values():
             _summary(logger, r)
@@ -155,9 +156,14 @@ def _pull_config(args, settings: Settings, logger: Logger) -> int:
 def cmd_sync(args, settings: Settings, logger: Logger, env) -> int:
     from .sync import Syncer
 
+    from .errors import InvalidInput
+
+    if settings.config is None:
+        raise InvalidInput("sync: --config models.yaml (or MODEL_AGENT_CONFIG) is required")
+
     def go(metrics) -> int:
-        syncer = Syncer(Path(args.config), settings, logger, metrics)
-        if args.once:
+        syncer = Syncer(settings.config, settings, logger, metrics)
+        if settings.once:
             return syncer.round().exit_code
         syncer.run_forever(settings.interval)
         return 0
@@ -171,8 +177,8 @@ def _keep_and_budget(args, settings: Settings):
     from .modelsfile import load
     from .sync import keep_for
 
-    mf = load(Path(args.config)) if args.config else None
-    cache = settings.cache_dir if settings.cache_dir_explicit or mf is None or mf.cache_dir is None else mf.cache_dir
+    mf = load(settings.config) if settings.config else None
+    cache = settings.cache_dir_for(mf.cache_dir if mf is not None else None)[0]
     # No declared list: each snapshot's lockfile says whether it is still wanted (gc.py, `Keep.listed`).
     keep = keep_for(mf, settings) if mf is not None else gc.Keep({}, set(), listed=False)
     return cache, keep, mf
@@ -180,19 +186,18 @@ def _keep_and_budget(args, settings: Settings):
 
 def cmd_gc(args, settings: Settings, logger: Logger, env) -> int:
     from . import gc
-    from .config import parse_size
 
     cache, keep, mf = _keep_and_budget(args, settings)
-    if args.max_bytes:
-        limit = parse_size(args.max_bytes, what="--max-bytes")
+    if settings.max_bytes is not None:
+        limit = settings.max_bytes
         budget = dict(high=limit, low=limit, by_volume=False)
     elif mf is not None and cache.is_dir():
         high, low, by_volume = mf.limits(cache)
         budget = dict(high=high, low=low, by_volume=by_volume)
     else:
         budget = dict(high=0, low=0, by_volume=False, force=True)
-    out = gc.collect(cache, keep, lease_ttl=settings.lease_ttl, dry_run=args.dry_run, **budget)
-    verb = "would remove" if args.dry_run else "removed"
+    out = gc.collect(cache, keep, lease_ttl=settings.lease_ttl, dry_run=settings.dry_run, **budget)
+    verb = "would remove" if settings.dry_run else "removed"
     for repo_id, why in out.skipped:  # on stderr, like every log line: stdout lists what goes
         logger.info("gc_skipped", f"left {repo_id} alone: {why}" if logger.fmt != "json" else "", model=repo_id, reason=why)
     for v in out.victims:

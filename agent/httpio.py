@@ -63,12 +63,35 @@ class Pools:
             manager.clear()
 
 
-def origin(url: str) -> tuple[str, str]:
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) as browsers and huggingface_hub compare them: `https://hf.co` and
+    `https://hf.co:443` are one origin, and user info is no part of it."""
     parts = urlsplit(url)
-    return parts.scheme, parts.netloc.lower()
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
 
 
-def retry_after(headers) -> float | None:
+# The IETF draft's `RateLimit: "api";r=0;t=55`, parsed as huggingface_hub 2.4 parses it.
+_RATELIMIT = re.compile(r"\"(?P<resource>\w+)\"\s*;\s*r\s*=\s*(?P<r>\d+)\s*;\s*t\s*=\s*(?P<t>\d+)")
+
+
+def ratelimit_reset(headers) -> float | None:
+    """Seconds until an exhausted quota window ends (`RateLimit` with r=0), plus 1 s as huggingface_hub
+    adds (t is rounded down); None when the header is absent, unparsable or requests remain."""
+    m = _RATELIMIT.search(headers.get("RateLimit") or "")
+    if m is None or int(m.group("r")) != 0:
+        return None
+    return float(m.group("t")) + 1
+
+
+def retry_after(headers, status: int = 0) -> float | None:
+    """The wait the server asked for. On a 429 the Hub's `RateLimit` comes first, as in
+    huggingface_hub (the Hub sends it without `Retry-After`); then `Retry-After` in seconds."""
+    if status == 429 and (reset := ratelimit_reset(headers)) is not None:
+        return reset
     value = headers.get("Retry-After")
     try:
         return float(value) if value is not None else None
@@ -88,7 +111,7 @@ def classify_status(status: int, headers, what: str) -> Exception:
     if status == 404:
         return NotFound(f"{what}: not found (HTTP 404)")
     if status in (408, 425, 429) or 500 <= status <= 599:
-        return Retryable(f"http_{status}", f"{what}: HTTP {status}", retry_after(headers))
+        return Retryable(f"http_{status}", f"{what}: HTTP {status}", retry_after(headers, status))
     return TransientError(f"{what}: unexpected HTTP {status}")
 
 

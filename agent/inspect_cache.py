@@ -10,15 +10,28 @@ from . import checksums
 from .checksums import b64_to_hex
 from .errors import IntegrityError, NotFound, TimedOut
 from .layout import HubCacheLayout
-from .lockfile import is_ready, read_lock
+from .lockfile import is_ready, missing_file, read_lock
 from .log import Logger
 from .sources.huggingface import COMMIT_SHA
+
+
+def ready_lock(layout, commit: str) -> dict | None:
+    """The lockfile of `commit` if its snapshot is ready, else None. Ready: the marker names the
+    commit, and every file its lockfile lists is there at its size (a marker alone survives
+    `hf cache rm`, which removes the snapshot and its blobs but not our records)."""
+    if not is_ready(layout.ready_path(commit), commit):
+        return None
+    lock = read_lock(layout.lock_path(commit))
+    if lock is None or lock.get("commit") != commit:
+        return None
+    folder = layout.snapshot_dir(commit) if isinstance(layout, HubCacheLayout) else layout.root
+    return lock if missing_file(lock, folder) is None else None
 
 
 def ready_commit(layout, revision: str) -> str | None:
     """The commit `revision` names in this cache if its snapshot is ready, else None."""
     commit = revision if COMMIT_SHA.match(revision) else layout.read_ref(revision)
-    if commit and is_ready(layout.ready_path(commit), commit):
+    if commit and ready_lock(layout, commit) is not None:
         return commit
     return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +73,30 @@ def write_ready(path: Path, commit: str) -> None:
 
 
 def is_ready(path: Path, commit: str | None = None) -> bool:
-    """True when the marker exists (and names `commit`, when given). Readers trust nothing else."""
+    """True when the marker exists (and names `commit`, when given). Readers also check that the
+    lockfile's files are there (inspect_cache.ready_lock): a marker alone survives `hf cache rm`."""
     try:
         content = path.read_text().strip()
     except OSError:
         return False
     return bool(content) and (commit is None or content == commit)
+
+
+def missing_file(lock: dict, folder: Path) -> str | None:
+    """The first locked path that is not in `folder` at its locked size, or None when all are.
+
+    One stat per file, which follows a snapshot link to its blob: `hf cache rm` (huggingface_hub's
+    delete_revisions) removes a revision's links and blobs but not our marker. Sizes only, no hashing:
+    the bytes were verified before they were promoted; `verify` is the deep check.
+    """
+    base = str(folder)
+    for entry in lock.get("files", []):
+        try:
+            if os.stat(os.path.join(base, entry["path"])).st_size != int(entry["size"]):
+                return str(entry["path"])
+        except (OSError, KeyError, TypeError, ValueError):
+            return str(entry.get("path") if isinstance(entry, dict) else entry)
+    return None
 
 
 def clear_ready(path: Path) -> None:

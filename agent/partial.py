@@ -89,7 +89,9 @@ class PartialFile:
         if ranged:
             self._adopt(candidates)
         if self.fd < 0:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            # 0666 & ~umask, as huggingface_hub's own .incomplete files and blobs: on a group-shared
+            # cache (umask 002) another user's process can adopt and finish the partial.
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         # Direct writes need aligned ranges; a record left by a buffered writer is rewound to them.
         self.direct_fd = directio.open_direct(self.path) if direct and self.chunk % directio.ALIGN == 0 else None
         self.direct_refused = False

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import directio
 from .config import Settings
 from .errors import NotFound, TimedOut
-from .inspect_cache import ready_commit
+from .inspect_cache import ready_commit, ready_lock
 from .layout import HubCacheLayout, LocalDirLayout, fsync_dirs, promote, temp_name
 from .lease import Lease, LeaseLost, LeaseWatch
 from .lockfile import Lock, LockedFile, is_ready, read_lock, retire_snapshot, write_lock, write_ready
@@ -141,9 +141,9 @@ class Pull:
 
     def _ready_for_request(self, commit: str) -> bool:
         """Ready, and pulled with the same include/exclude (a subset pulled earlier is not enough)."""
-        if not is_ready(self.layout.ready_path(commit), commit):
+        lock = ready_lock(self.layout, commit)  # the marker, and every locked file still there
+        if lock is None:
             return False
-        lock = read_lock(self.layout.lock_path(commit)) or {}
         same = (tuple(lock.get("include", ())), tuple(lock.get("exclude", ()))) == (self.settings.include, self.settings.exclude)
         return same or self.settings.offline
 
@@ -205,8 +205,14 @@ class Pull:
     # -- steps 2 to 5 ---------------------------------------------------------------------------
     def _pull_locked(self, commit: str, lease: Lease) -> PullResult:
         what = f"{self.ref.display()}@{commit[:12]}"
+        if is_ready(self.layout.ready_path(commit), commit) and ready_lock(self.layout, commit) is None:
+            # Files removed under a marker (`hf cache rm`): it vouches for nothing any more.
+            retire_snapshot(self.layout.ready_path(commit), self.layout.lock_path(commit))
         self.progress.set_phase("plan")
-        files = apply_globs(self.source.list_files(commit), self.settings.include, self.settings.exclude, what)
+        files = apply_globs(self.source.list_files(commit), self.settings.include, self.settings.exclude, what,
+                            on_unmatched=lambda patterns: self.logger.warn(
+                                "include_unmatched", f"{what}: no file matches --include {', '.join(map(repr, patterns))}",
+                                model=self.model, patterns=patterns))
         plan = make_plan(files, self.layout, trust_blobs_by_etag=isinstance(self.layout, HubCacheLayout))
         partial_dir = self.layout.partial_dir()
         if dropped := ensure_room(partial_dir, plan, self.settings.disk_margin, what):

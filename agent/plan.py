@@ -6,6 +6,7 @@ import fnmatch
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import checksums
 from .errors import DiskFull, InvalidInput
@@ -21,13 +22,21 @@ def _match(path: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(path, pattern)
 
 
-def apply_globs(files: list[RemoteFile], include: tuple[str, ...], exclude: tuple[str, ...], what: str) -> list[RemoteFile]:
+def apply_globs(files: list[RemoteFile], include: tuple[str, ...], exclude: tuple[str, ...], what: str,
+                on_unmatched: Callable[[list[str]], None] = lambda patterns: None) -> list[RemoteFile]:
+    """The files the globs keep. As in huggingface_hub, an --include pattern that matches nothing is
+    only worth a warning (`on_unmatched`) while another one matches: `--include '*.bin' --include
+    '*.safetensors'` is how one asks for "the weights, in whichever format the repo has"."""
     for pattern in (*include, *exclude):
         if not pattern or "\x00" in pattern:
             raise InvalidInput(f"{what}: invalid glob {pattern!r}")
     unmatched = [p for p in include if not any(_match(f.path, p) for f in files)]
+    if include and len(unmatched) == len(include):
+        names = " ".join(f"--include {p!r}" for p in unmatched)
+        verb = "matches" if len(unmatched) == 1 else "match"
+        raise InvalidInput(f"{what}: {names} {verb} no file ({len(files)} files listed)")
     if unmatched:
-        raise InvalidInput(f"{what}: --include {unmatched[0]!r} matches no file ({len(files)} files listed)")
+        on_unmatched(unmatched)
     kept = [f for f in files if (not include or any(_match(f.path, p) for p in include))
             and not any(_match(f.path, p) for p in exclude)]
     if not kept:

@@ -123,7 +123,7 @@ def _copy_landed(candidate: Path, dest: Path, done: list[int], grid: Grid) -> tu
         return None
     fd = -1
     try:
-        fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # & ~umask, as partial.py
         landed = [copy_range(src, fd, grid.bounds(idx)[0], want)
                   for idx, want in enumerate(clamp(grid, done, os.fstat(src).st_size))]
     except BaseException:  # a full disk, say: leave nothing half-made behind

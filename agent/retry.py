@@ -21,7 +21,9 @@ class RetryPolicy:
     max_failures: int = 8  # consecutive failed attempts with no new bytes in between
     base_delay: float = 0.5
     max_delay: float = 30.0
-    max_retry_after: float = 120.0  # a server asking for longer than this is treated as this
+    # A server asking for longer than this is treated as this. The Hub's quota windows are 5 minutes
+    # and huggingface_hub waits a window out in full (t+1 s): so do we, one window in one wait.
+    max_retry_after: float = 301.0
 
     def delay(self, failures: int, retry_after: float | None, rng: Callable[[], float]) -> float:
         if retry_after is not None:

@@ -49,7 +49,7 @@ def settings_for(spec: ModelSpec, base: Settings, mf: ModelsFile) -> Settings:
         raise InvalidInput("--local-dir does not apply to a models file: give the model its own `local_dir` in it")
     return dataclasses.replace(
         base,
-        cache_dir=base.cache_dir if base.cache_dir_explicit or mf.cache_dir is None else mf.cache_dir,
+        cache_dir=base.cache_dir_for(mf.cache_dir)[0],
         revision=spec.revision,
         include=spec.include,
         exclude=spec.exclude,
@@ -109,9 +109,18 @@ class Syncer:
         self.lease_watches: dict = {}  # kept across rounds: a dead writer's lease is seen to stay unchanged
         self.stop = threading.Event()
         self.interval = 600.0
+        self._cache_choice: tuple | None = None
 
     def cache_dir(self, mf: ModelsFile) -> Path:
-        return self.settings.cache_dir if self.settings.cache_dir_explicit or mf.cache_dir is None else mf.cache_dir
+        """Where this models file's models go; logged when the choice changes, with what it overrode
+        (an image's HF_HOME must never silently beat the file's cache_dir, nor the file a flag)."""
+        path, decided_by, ignored = self.settings.cache_dir_for(mf.cache_dir)
+        if (path, decided_by) != self._cache_choice:
+            self._cache_choice = (path, decided_by)
+            note = f"; ignored {', '.join(ignored)}" if ignored else ""
+            self.logger.info("cache_dir", f"cache_dir {path} (from {decided_by}{note})" if self.logger.fmt != "json" else "",
+                             cache_dir=str(path), **{"from": decided_by}, ignored=ignored)
+        return path
 
     def _pull(self, d: Declared, mf: ModelsFile) -> PullResult:
         settings, ref = settings_for(d.spec, self.settings, mf), d.ref
@@ -177,6 +186,7 @@ class Syncer:
     def round(self) -> RoundResult:
         started = time.monotonic()
         mf = load(self.config_path)
+        self.cache_dir(mf)  # logs which cache_dir won, when that changes
         self.interval = mf.interval
         declared = Declared.all(mf, self.settings)
         self.metrics.declare({d.entry: d.model for d in declared})

@@ -316,6 +316,10 @@ class Transfer:
         got = {"n": 0}
 
         def on_bytes(n: int) -> None:
+            # Also called with 0 while the reader waits on a child process: where it learns to stop.
+            if self.stop.is_set():
+                raise Stopped()
+            self.fence()
             got["n"] += n
             self.progress.add_bytes(n)
 

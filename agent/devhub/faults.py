@@ -1,8 +1,11 @@
 """Fault injection: make chosen requests fail the way real networks and CDNs fail.
 
 Two phases are checked per request:
-- request faults ("status", "429") answer instead of the normal response; they apply to any
-  request (API, resolve, CDN; GET or HEAD) whose path matches;
+- request faults ("status", "429", "redirect") answer instead of the normal response; they apply
+  to any request (API, resolve, CDN; GET or HEAD) whose path matches. A "429" sends the IETF
+  `RateLimit` / `RateLimit-Policy` headers as the Hub does, plus `Retry-After` unless told not to;
+  with `window` > 0 it answers every matching request until that many seconds after its first one,
+  like a real quota window. A "redirect" answers 307 to the same path and query under `location`;
 - body faults ("reset", "truncate", "stall", "corrupt", "slow") alter a file body being sent,
   so they only apply to resolve/CDN responses that carry file bytes;
 - range faults ("ignore_range") answer a ranged request with 200 and the whole body, as servers
@@ -13,10 +16,12 @@ A fault is used up after `count` matching requests.
 from __future__ import annotations
 
 import fnmatch
+import math
 import threading
+import time
 from dataclasses import dataclass
 
-REQUEST_KINDS = frozenset({"status", "429"})
+REQUEST_KINDS = frozenset({"status", "429", "redirect"})
 BODY_KINDS = frozenset({"reset", "truncate", "stall", "corrupt", "slow"})
 RANGE_KINDS = frozenset({"ignore_range"})
 HOSTS = frozenset({"api", "cdn", "any"})
@@ -35,11 +40,23 @@ class Fault:
     rate: int = 0  # bytes per second for "slow"
     host: str = "any"
     method: str = "any"
+    send_retry_after: bool = True  # "429": False sends only RateLimit / RateLimit-Policy
+    window: float = 0.0  # "429": seconds of refusals from the first hit on (count is then ignored)
+    location: str = ""  # "redirect": base URL (scheme://host[:port]) to send the client to
     hits: int = 0  # how many requests this fault has been applied to
+    started: float | None = None  # monotonic time of the first hit, for `window`
 
     @property
     def remaining(self) -> int:
+        if self.window > 0:
+            return 1 if self.started is None or time.monotonic() < self.started + self.window else 0
         return self.count - self.hits
+
+    def reset_seconds(self) -> int:
+        """What a "429" asks the client to wait: the rest of its window, else `retry_after`."""
+        if self.window > 0 and self.started is not None:
+            return max(1, math.ceil(self.started + self.window - time.monotonic()))
+        return self.retry_after
 
     def matches(self, host: str, method: str, path: str) -> bool:
         return (
@@ -68,6 +85,9 @@ class FaultSet:
         rate: int = 0,
         host: str = "any",
         method: str = "any",
+        send_retry_after: bool = True,
+        window: float = 0.0,
+        location: str = "",
     ) -> Fault:
         if kind not in REQUEST_KINDS | BODY_KINDS | RANGE_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
@@ -78,7 +98,10 @@ class FaultSet:
             raise ValueError(f"method must be one of {sorted(METHODS)}")
         if kind == "slow" and rate <= 0:
             raise ValueError("a 'slow' fault needs rate > 0 (bytes per second)")
-        fault = Fault(kind, path_glob, count, after_bytes, status, retry_after, seconds, rate, host, method)
+        if kind == "redirect" and not location:
+            raise ValueError("a 'redirect' fault needs location (a base URL)")
+        fault = Fault(kind, path_glob, count, after_bytes, status, retry_after, seconds, rate, host, method,
+                      send_retry_after, window, location.rstrip("/"))
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -97,6 +120,8 @@ class FaultSet:
             for fault in self._faults:
                 if fault.kind in kinds and fault.matches(host, method, path):
                     fault.hits += 1
+                    if fault.started is None:
+                        fault.started = time.monotonic()
                     return fault
         return None
 

@@ -3,7 +3,8 @@
 It parses a request into a `Request`, records it in the stats, and hands it to the router
 of its host (`api.route` or `files.route_cdn`). It also owns the Hub's response
 conventions: `X-Request-Id`, JSON error bodies with `X-Error-Code` / `X-Error-Message`,
-and the access rules (private and unknown repos look the same, gated repos need a token).
+and the access rules (private and unknown repos look the same, gated repos need a token: 401
+GatedRepo without one, 403 GatedRepo for a valid token in `tokens_without_gated_access`).
 """
 
 from __future__ import annotations
@@ -151,15 +152,19 @@ class HubHandler(BaseHTTPRequestHandler):
         self.respond_json(status, {"error": message}, extra)
 
     def respond_fault(self, fault) -> None:
-        """Answer a "status" or "429" fault: an empty error like a proxy or rate limiter gives."""
+        """Answer a request fault: an empty error like a proxy or rate limiter gives, or a redirect."""
         if fault.kind == "429":
             resource = "api" if self.path.startswith("/api/") else "resolvers"
+            reset = fault.reset_seconds()
             headers = {
-                "Retry-After": str(fault.retry_after),
-                "RateLimit": f'"{resource}";r=0;t={fault.retry_after}',
+                "RateLimit": f'"{resource}";r=0;t={reset}',
                 "RateLimit-Policy": f'"fixed window";"{resource}";q=3000;w=300',
             }
+            if fault.send_retry_after:
+                headers["Retry-After"] = str(reset)
             self.respond(429, headers)
+        elif fault.kind == "redirect":
+            self.respond(307, {"Location": f"{fault.location}{self.path}"})
         else:
             self.respond(fault.status)
 
@@ -181,6 +186,15 @@ class HubHandler(BaseHTTPRequestHandler):
                 "authenticated to access it. Please log in."
             )
             self.respond_error(401, msg, "GatedRepo")
+            return None
+        if repo.gated and files and req.token in self.hub.tokens_without_gated_access:
+            # a valid token whose user has not been granted access: 403, and the same X-Error-Code
+            # that huggingface_hub turns into GatedRepoError (on resolve and on the Xet token route)
+            msg = (
+                f"Access to {repo.repo_type} {repo.repo_id} is restricted and you are not in the authorized "
+                f"list. Visit {self.hub.url}/{repo.repo_id} to ask for access."
+            )
+            self.respond_error(403, msg, "GatedRepo")
             return None
         return repo
 

@@ -43,11 +43,14 @@ class HubServer:
         lfs_threshold: int = 10_000,
         tree_page_size: int = 1000,
         host: str = "127.0.0.1",
+        ports: Mapping[str, int] | None = None,
     ):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.tokens: set[str] = {"hf_test_token"}
+        # Valid tokens of users who were never granted a gated repo: the Hub answers them 403 GatedRepo.
+        self.tokens_without_gated_access: set[str] = set()
         self.faults = FaultSet()
         self.stats = Stats()
         self.store = RepoStore()
@@ -64,7 +67,9 @@ class HubServer:
         self._threads: list[threading.Thread] = []
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
-        self._ports: dict[str, int] = {}  # kept across stop/start: a restarted hub keeps its URLs
+        # kept across stop/start: a restarted hub keeps its URLs; `ports` fixes some (e.g. {"api": 80}
+        # to test a default port), the others are picked by the system
+        self._ports: dict[str, int] = dict(ports or {})
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> "HubServer":

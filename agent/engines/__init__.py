@@ -6,6 +6,7 @@ through our ranged HTTP reader, which measured fastest here (see README, Benchma
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidInput
@@ -53,6 +54,9 @@ def hub_reader(source: "HubSource", engine: str, commit: str) -> RangeReader:
     if engine == "http":
         return http
     if engine == "hf_transfer":
+        # Checked here: in the child process that runs it, a missing package would only be retried.
+        if importlib.util.find_spec("hf_transfer") is None:
+            raise InvalidInput("--engine hf_transfer needs the hf_transfer package (pip install hf_transfer)")
         from .hf_transfer import HfTransferReader
 
         return HfTransferReader(source, commit, http)
@@ -64,7 +68,8 @@ def hub_reader(source: "HubSource", engine: str, commit: str) -> RangeReader:
         return AutoReader(http, XetReader(source, commit))
     if engine == "auto":
         xet = None
-        if xet_available():
+        # HF_HUB_DISABLE_XET: what huggingface_hub honours, so a cluster that turned Xet off gets http
+        if xet_available() and not source.settings.xet_disabled:
             from .xet import XetReader
 
             xet = XetReader(source, commit)

@@ -5,6 +5,10 @@ target and restarts from zero (huggingface_hub#4306), while `download_stream(sta
 shared transfer code continue a partial file from the bytes already on disk. hf_xet's
 HF_XET_HIGH_PERFORMANCE mode (which can take tens of GB of RAM) is left to the environment:
 set it only when asked for.
+
+The first Xet token is fetched here, in Python, as huggingface_hub 2.4 does before it hands over to
+hf_xet: hf_xet reports the token route's 401/403 as a ConnectionError, so a gated repo (403
+GatedRepo) would be retried as transient (exit 7) instead of refused (exit 3).
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import threading
 from typing import Iterator
 
-from ..errors import AuthError, NotFound, Retryable
+from .. import httpio
+from ..errors import AgentError, AuthError, NotFound, Retryable
 from ..sources.base import RangeReader, RemoteFile
 
 
@@ -62,6 +67,7 @@ class XetReader(RangeReader):
         self.commit = commit
         self.settings = source.settings
         self._group = None
+        self._refused: AgentError | None = None  # the token route's final answer: not asked again
         self._lock = threading.Lock()
 
     def range_size(self, default: int) -> int:
@@ -74,27 +80,65 @@ class XetReader(RangeReader):
     def what(self, file: RemoteFile) -> str:
         return f"{self.source.ref.display()}@{self.commit[:12]} {file.path}"
 
+    def hub_headers(self) -> dict[str, str]:
+        auth = {"Authorization": f"Bearer {self.settings.token}"} if self.settings.token else {}
+        return {"User-Agent": "model-agent", **auth}
+
+    def first_token(self) -> tuple[str, str, int]:
+        """(CAS endpoint, token, expiry) from the Hub's token route, its refusal mapped like any Hub
+        answer (403 GatedRepo is exit 3). A transient failure is raised as Retryable for the caller."""
+        what = f"{self.source.ref.display()}@{self.commit[:12]} (Xet token)"
+        pools = httpio.Pools(1, self.settings.stall_timeout)
+        try:
+            resp = httpio.request(pools, "GET", self.source.xet_token_url(self.commit), self.hub_headers(), what)
+            httpio.drain(resp)
+        finally:
+            pools.clear()
+        if resp.status != 200:
+            raise httpio.classify_status(resp.status, resp.headers, what)
+        cas, token = resp.headers.get("X-Xet-Cas-Url"), resp.headers.get("X-Xet-Access-Token")
+        try:
+            expires = int(resp.headers.get("X-Xet-Token-Expiration", ""))
+        except ValueError:
+            expires = 0
+        if not (cas and token and expires):
+            raise Retryable("xet", f"{what}: the Hub's token route answered without the Xet headers")
+        return cas, token, expires
+
     def group(self):
         with self._lock:
+            if self._refused is not None:
+                raise self._refused
             if self._group is None:
                 import hf_xet
 
+                try:
+                    cas, token, expires = self.first_token()
+                except Retryable:
+                    raise
+                except AgentError as exc:
+                    self._refused = exc  # every worker gets the same answer, with one request
+                    raise
                 config = hf_xet.XetConfig().with_config("telemetry.enabled", False)
-                headers = {"Authorization": f"Bearer {self.settings.token}"} if self.settings.token else {}
                 # Only the Hub's token route sees the Hub token; CAS requests carry the short-lived
-                # Xet token that this route hands out.
-                self._group = hf_xet.XetSession(config).new_download_stream_group(
-                    token_refresh_url=self.source.xet_token_url(self.commit),
-                    token_refresh_headers=headers,
-                )
+                # Xet token that this route hands out (hf_xet refreshes it there before it expires).
+                try:
+                    self._group = hf_xet.XetSession(config).new_download_stream_group(
+                        endpoint=cas, token=token, token_expiry_unix_secs=expires,
+                        token_refresh_url=self.source.xet_token_url(self.commit),
+                        token_refresh_headers=self.hub_headers(),
+                    )
+                except Exception as exc:  # noqa: BLE001 - mapped to a meaning
+                    raise map_xet_error(exc, f"{self.source.ref.display()}@{self.commit[:12]}") from None
             return self._group
 
     def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
         import hf_xet
 
         what = self.what(file)
+        group = self.group()  # raises the agent's own errors: not hf_xet's to map
         try:
-            stream = self.group().download_stream(hf_xet.XetFileInfo(file.xet_hash, file.size), start=start, end=end)
+            stream = group.download_stream(hf_xet.XetFileInfo(file.xet_hash, file.size), start=start, end=end)
         except Exception as exc:  # noqa: BLE001 - mapped to a meaning
             raise map_xet_error(exc, what) from None
         watch = StallWatch(self.settings.stall_timeout, stream.cancel)

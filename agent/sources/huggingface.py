@@ -67,7 +67,7 @@ def hub_error(exc: Exception, what: str) -> Exception:
         headers = exc.response.headers  # type: ignore[union-attr]
         from ..httpio import retry_after
 
-        return Retryable(f"http_{status}", f"{what}: HTTP {status}", retry_after(headers))
+        return Retryable(f"http_{status}", f"{what}: HTTP {status}", retry_after(headers, status))
     if type(exc).__module__.startswith(("httpx", "httpcore")):
         return Retryable("connection", f"{what}: {type(exc).__name__}")
     return AgentError(f"{what}: {type(exc).__name__}: {exc}")
