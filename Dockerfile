@@ -2,8 +2,9 @@
 # model-agent container image: one entrypoint for the download Job, the node-cache DaemonSet and the
 # consumers' `wait` init container (see k8s/ and the README's "Kubernetes" section).
 #
-#   docker build -t model-agent:0.1.0 .
-#   docker run --rm --read-only --tmpfs /tmp -v "$PWD/cache:/cache" model-agent:0.1.0 pull Qwen/Qwen3-0.6B
+#   docker build -t model-agent:0.2.0 .
+#   docker buildx build --platform linux/amd64,linux/arm64 -t REGISTRY/model-agent:0.2.0 --push .   # arm64 nodes too
+#   docker run --rm --read-only --tmpfs /tmp -v "$PWD/cache:/cache" model-agent:0.2.0 pull Qwen/Qwen3-0.6B
 #
 # BASE_IMAGE is an argument so an offline build can substitute a locally made base with the same
 # shape (a Debian with python3 and its venv module); tests/test_image.py does that.
@@ -17,7 +18,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY agent ./agent
 # The image carries every source's SDK (s3, gcs, azure): one image serves every Job. A slimmer one
 # for a single store: docker build --build-arg EXTRAS='[s3]' .

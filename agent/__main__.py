@@ -9,10 +9,10 @@ import sys
 import threading
 from typing import Sequence
 
-from . import __version__
 from .config import Settings, build_settings
 from .errors import AgentError, from_oserror
 from .log import Logger, add_secret, redact
+from .versions import version_report
 
 EPILOG = """exit codes: 0 done, 1 internal error, 2 invalid input, 3 auth refused, 4 not found,
 5 integrity, 6 disk full, 7 transient failures outlasted retries, 8 timed out.
@@ -36,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="model-agent", description="Put model weights on a cache volume, once, correctly.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"model-agent {__version__}")
+    parser.add_argument("--version", action="version", version=version_report())
     sub = parser.add_subparsers(dest="command", required=True)
 
     pull = sub.add_parser("pull", help="download a snapshot to the cache, crash-safe", epilog=EPILOG,

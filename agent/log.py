@@ -22,6 +22,15 @@ _PATTERNS = [
 ]
 _secrets: set[str] = set()
 _lock = threading.Lock()
+# While a progress bar is live, rich's console owns the terminal: a line written past it lands on
+# the bar's row (the bar is redrawn in place), so log lines go through the console, above the bar.
+_console = None
+
+
+def hand_terminal_to(console) -> None:
+    """`console` (a rich Console with a live bar) prints every log line until handed back (None)."""
+    global _console
+    _console = console
 
 
 def add_secret(value: str | None) -> None:
@@ -69,6 +78,10 @@ class Logger:
             prefix = "" if level == "info" else f"{level}: "
             line = redact(f"{prefix}{message or event}" + (f" ({extras})" if extras and not message else ""))
         with self._lock:
+            console = _console
+            if console is not None and self.stream is console.file:
+                console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
+                return
             self.stream.write(line + "\n")
             self.stream.flush()
 

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, Protocol
 
+from . import log
 from .log import Logger
 
 
@@ -117,6 +118,7 @@ class PullProgress:
             self._thread.join(timeout=2)
         if self._bar is not None:
             self._bar.stop()
+            log.hand_terminal_to(None)
             self._bar = None
 
     # -- rendering ------------------------------------------------------------------------------
@@ -145,14 +147,19 @@ class PullProgress:
             self.logger.info("progress", text if self.logger.fmt != "json" else "", **s)
 
     def _start_bar(self) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+        # The bar goes where the log lines go (the logger's stream, stderr by default), and the
+        # logger prints through the bar's console while it is live: one owner of the terminal.
+        console = Console(file=self.logger.stream)
         self._bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
             TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[files]}"),
-            transient=False,
+            transient=False, console=console,
         )
         self._task = self._bar.add_task(self.model, total=self.total, completed=self.done_bytes, files="")
+        log.hand_terminal_to(console)
         self._bar.start()
         threading.Thread(target=self._bar_files, daemon=True).start()
 

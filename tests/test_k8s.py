@@ -316,8 +316,8 @@ def test_image_installs_every_source_sdk_by_default():
     builder = (ROOT / "Dockerfile").read_text()
     default = re.search(r'^ARG EXTRAS="(.*)"$', builder, re.M).group(1)
     assert default == "[all]" and '".${EXTRAS}"' in builder
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert extras["all"] == ["model-agent[s3,gcs,azure]"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["all"] == [f"{project['name']}[s3,gcs,azure]"]
 
 
 def test_token_comes_from_a_mounted_secret_file(rendered):
