@@ -83,3 +83,39 @@ def test_the_wheel_in_a_fresh_venv_runs_the_demo_and_its_extras(dist, tmp_path):
     assert where.startswith(str(venv)), where
     # each extra's SDK imports where the agent imports it
     _run([str(venv / "bin/python"), "-c", "import boto3, google.cloud.storage, azure.storage.blob"], env=env, cwd=elsewhere)
+
+
+def _fake_venv(venv: Path, python_body: str) -> None:
+    """A venv whose python stands in for pip: it prints pip's kind of chatter and answers `python_body`.
+    What is under test is ./dev itself: what it shows of a set-up step, and what it hides."""
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text("#!/bin/sh\necho 'Collecting huggingface_hub (from model-cache-agent)'\n"
+                      "echo 'setuptools: SetuptoolsDeprecationWarning: editable install' >&2\n" + python_body)
+    agent_cmd = venv / "bin" / "model-agent"
+    agent_cmd.write_text("#!/bin/sh\necho 'demo ran'\n")
+    for script in (python, agent_cmd):
+        script.chmod(0o755)
+
+
+def test_dev_set_up_prints_a_line_per_step_and_keeps_pip_in_its_log(tmp_path):
+    venv = tmp_path / "venv"
+    _fake_venv(venv, "exit 0\n")
+    r = subprocess.run([str(ROOT / "dev"), "demo"], env={**os.environ, "MODEL_AGENT_VENV": str(venv)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    screen = r.stdout + r.stderr
+    assert "Collecting" not in screen and "Deprecation" not in screen, screen
+    assert len(screen.splitlines()) <= 6, screen
+    assert "demo ran" in r.stdout
+    assert "Collecting" in (venv / "setup.log").read_text()
+
+
+def test_dev_set_up_shows_its_log_when_a_step_fails(tmp_path):
+    venv = tmp_path / "venv"
+    _fake_venv(venv, "echo 'ERROR: No matching distribution found for hf_xet' >&2\nexit 1\n")
+    r = subprocess.run([str(ROOT / "dev"), "demo"], env={**os.environ, "MODEL_AGENT_VENV": str(venv)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "failed" in r.stderr and "No matching distribution found for hf_xet" in r.stderr, r.stderr
+    assert "demo ran" not in r.stdout
