@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, agent_cmd, clean_env, hub_env, pull_args, run_agent
 from test_metrics import free_port, scrape, value
-from test_observability import wait_http
+from test_observability import pushgateway
 from test_pull import json_lines
 from test_resilience import largest
 from test_sync import files, ready, wait_for, write_config
@@ -89,22 +89,13 @@ def test_snapshot_info_keeps_one_series_per_declared_revision(hub, tmp_path):
 def test_sync_pushes_under_the_node_name_not_the_pod_name(hub, tmp_path):
     hub.add_repo("org/m", files("m"))
     cfg = write_config(tmp_path / "cm", [{"source": "org/m"}])
-    port = free_port()
-    # Debian's build persists to /var/lib/prometheus by default: every run would see the last one's groups.
-    gw = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}",
-                           f"--persistence.file={tmp_path / 'gateway.data'}"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready")
+    with pushgateway(tmp_path) as port:
         r = run_agent("sync", "--once", "--config", str(cfg), "--cache-dir", str(tmp_path / "c"),
                       "--pushgateway", f"http://127.0.0.1:{port}", env=hub_env(hub, MODEL_AGENT_NODE_NAME="gpu-node-7"))
         assert r.returncode == 0, r.stderr
         pushed = [l for l in scrape(port)[1].splitlines()
                   if l.startswith("model_agent_snapshot_ready{") and 'model="org/m"' in l]
         assert pushed and all('instance="gpu-node-7"' in l for l in pushed), pushed
-    finally:
-        gw.terminate()
-        gw.wait(timeout=10)
 
 
 def test_resumed_bytes_are_not_counted_as_fetched(hub, big_files, tmp_path):

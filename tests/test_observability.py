@@ -12,6 +12,8 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,22 @@ needs = pytest.mark.skipif(
     not (shutil.which("promtool") and shutil.which("prometheus") and shutil.which("prometheus-pushgateway")),
     reason="scripts/install-test-tools.sh installs prometheus and prometheus-pushgateway",
 )
+
+
+@contextmanager
+def pushgateway(tmp_path: Path):
+    """A real Pushgateway on 127.0.0.1; yields its port."""
+    port = free_port()
+    # Debian's build persists groups to /var/lib by default: a run would see the groups of runs before it.
+    gw = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}",
+                           f"--persistence.file={tmp_path / 'pushgateway.data'}"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready")
+        yield port
+    finally:
+        gw.terminate()
+        gw.wait(timeout=10)
 
 
 def wait_http(url: str, timeout: float = 20) -> None:
@@ -89,23 +107,14 @@ def test_a_real_prometheus_scrapes_the_agent(hub, big_files, tmp_path):
 @needs
 def test_a_real_pushgateway_receives_the_metrics(hub, demo_files, tmp_path):
     commit = hub.add_repo("org/model", demo_files)
-    port = free_port()
-    # Debian's build persists groups to /var/lib by default: a run would see the groups of runs before it.
-    gw = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}",
-                           f"--persistence.file={tmp_path / 'pushgateway.data'}"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready")
+    with pushgateway(tmp_path) as port:
         r = run_agent(*pull_args(hub, "org/model", tmp_path / "c", "--pushgateway", f"http://127.0.0.1:{port}"),
                       env=hub_env(hub))
         assert r.returncode == 0, r.stderr
         _, text = scrape(port)
-        ready = [l for l in text.splitlines() if l.startswith("model_agent_snapshot_ready{")]
-        assert ready and 'job="model-agent"' in ready[0] and 'model="org/model"' in ready[0] and ready[0].endswith(" 1")
-        assert f'commit="{commit}"' in text
-    finally:
-        gw.terminate()
-        gw.wait(timeout=10)
+    ready = [l for l in text.splitlines() if l.startswith("model_agent_snapshot_ready{")]
+    assert ready and 'job="model-agent"' in ready[0] and 'model="org/model"' in ready[0] and ready[0].endswith(" 1")
+    assert f'commit="{commit}"' in text
 
 
 def test_json_logs_have_start_progress_retries_and_summary(hub, big_files, tmp_path):

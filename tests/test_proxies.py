@@ -33,22 +33,24 @@ def test_ca(tmp_path_factory):
     return self_signed(tmp_path_factory.mktemp("test-ca"))
 
 
+def _with_models(srv):
+    """The store with bucket `models` holding FILES under m/."""
+    srv.client().create_bucket(Bucket="models")
+    for rel, data in FILES.items():
+        srv.client().put_object(Bucket="models", Key="m/" + rel, Body=data)
+    return srv
+
+
 @pytest.fixture(scope="session")
 def s3_http(tmp_path_factory):
     with MotoServer(tmp_path_factory.mktemp("moto-http")) as srv:
-        srv.client().create_bucket(Bucket="models")
-        for rel, data in FILES.items():
-            srv.client().put_object(Bucket="models", Key="m/" + rel, Body=data)
-        yield srv
+        yield _with_models(srv)
 
 
 @pytest.fixture(scope="session")
 def s3_tls(tmp_path_factory, test_ca):
     with tls_moto(tmp_path_factory.mktemp("moto-tls"), *test_ca) as srv:
-        srv.client().create_bucket(Bucket="models")
-        for rel, data in FILES.items():
-            srv.client().put_object(Bucket="models", Key="m/" + rel, Body=data)
-        yield srv
+        yield _with_models(srv)
 
 
 @pytest.fixture(scope="session")
