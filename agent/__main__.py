@@ -102,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     gcp.add_argument("--log-format", choices=("text", "json"))
     gcp.add_argument("--lease-ttl")
 
+    push = sub.add_parser("push", help="pull a snapshot into a staging cache, then publish it to a bucket or a path",
+                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    push.add_argument("source", help="ORG/NAME, hf://ORG/NAME@REV, s3://..., a path: anything `pull` reads")
+    push.add_argument("dest", help="s3://BUCKET/PREFIX/, gs://..., az://..., or a path (an NFS export)")
+    _common(push)
+    push.add_argument("--include", action="append", help="glob of files to publish (repeatable)")
+    push.add_argument("--exclude", action="append", help="glob of files to leave out (repeatable)")
+    push.add_argument("--engine", choices=("auto", "xet", "hf_transfer", "http"))
+    push.add_argument("--workers", type=int, help="parallel connections, for the pull and the upload (default 8)")
+    push.add_argument("--chunk-size", help="size of the parallel ranges and upload parts of a large file (default 64Mi)")
+    push.add_argument("--stall-timeout", help="give up on a connection silent this long, then retry (default 60s)")
+    push.add_argument("--overwrite", action="store_true", default=None,
+                      help="replace DEST even if it holds another model's published lockfile")
+    push.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port")
+    push.add_argument("--metrics-textfile", help="write metrics here for node-exporter's textfile collector")
+    push.add_argument("--pushgateway", help="push metrics to this Prometheus Pushgateway URL")
+    push.add_argument("--progress-interval", help="seconds between JSON progress lines (default 10s)")
+
     demo = sub.add_parser("demo", help="serve a generated model from an embedded Hub and pull it (no network)")
     demo.add_argument("--cache-dir", default=None, help="default ./model-cache")
     demo.add_argument("--engine", choices=("auto", "xet", "hf_transfer", "http"))

@@ -232,3 +232,9 @@ def cmd_list(args, settings: Settings, logger: Logger, env) -> int:
         print(f"{r['repo_id']:40} {r['commit'][:12]:12} {','.join(r['revisions']) or '-':16} {human_bytes(r['size']):>10} "
               f"{'yes' if r['ready'] else 'no':5} {declared:8} {r['last_used'] or '-'}")
     return 0
+
+
+def cmd_push(args, settings: Settings, logger: Logger, env) -> int:
+    from .push import run_push
+
+    return run_push(args, settings, logger)

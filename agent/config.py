@@ -125,6 +125,7 @@ class Settings:
     once: bool = False  # sync: one round, then exit
     max_bytes: int | None = None  # gc
     dry_run: bool = False  # gc
+    overwrite: bool = False  # push: replace another model's published lockfile
     log_format: str = "auto"
     metrics_port: int | None = None
     metrics_textfile: Path | None = None
@@ -265,6 +266,7 @@ def _commands(o: _Options) -> dict[str, Any]:
         config=Path(str(config)) if config else None,
         once=o.flag("once"),
         dry_run=o.flag("dry_run"),
+        overwrite=o.flag("overwrite"),
         max_bytes=parse_size(max_bytes, what=o.source("max_bytes")) if max_bytes is not None else None,
     )
 

@@ -18,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, push_to_gateway
 
 from .layout import atomic_write
 
-PHASES = ("resolve", "waiting", "plan", "transfer", "commit", "done", "failed")
+PHASES = ("resolve", "waiting", "plan", "transfer", "commit", "publish", "done", "failed")
 # A 600 GB pull over a slow link takes hours: buckets reach well past that.
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 
@@ -51,6 +51,8 @@ class Metrics:
                                   registry=r)
         self.bytes_resumed = Counter("model_agent_bytes_resumed", "Bytes a pull found already on disk (resumed partials)",
                                      ["model", "source"], registry=r)
+        self.bytes_uploaded = Counter("model_agent_bytes_uploaded", "Bytes `push` sent to its destination",
+                                      ["model", "destination"], registry=r)
         self._lock = threading.Lock()
         # Readiness is kept per declared entry (one repo may be declared at several revisions); the
         # `ready` gauge of a model is 1 only when every entry of that model is.
@@ -88,6 +90,9 @@ class Metrics:
     def on_phase(self, model: str, phase: str) -> None:
         for p in PHASES:
             self.phase.labels(model, p).set(1 if p == phase else 0)
+
+    def upload_listener(self, destination: str) -> "UploadListener":
+        return UploadListener(self, destination)
 
     # -- pull lifecycle -------------------------------------------------------------------------
     # `entry` names what was declared (sync: the model and its revision); a single pull's is its model.
@@ -251,3 +256,30 @@ class Exporter:
                 self.metrics.push(self.pushgateway, self.job, self.grouping)
             except Exception as exc:  # noqa: BLE001 - metrics must never fail a pull
                 self.logger.warn("metrics_push", f"push to the Pushgateway failed: {type(exc).__name__}")
+
+
+class UploadListener:
+    """The progress events of `push`'s upload phase: bytes go to model_agent_bytes_uploaded_total (never
+    to the download counter), phases and retries as for a pull."""
+
+    def __init__(self, metrics: Metrics, destination: str):
+        self.metrics, self.destination = metrics, destination
+
+    def on_start(self, model: str, commit: str, total_bytes: int, files: int) -> None:
+        return None  # the snapshot's size is the pull's gauge already
+
+    def on_bytes(self, model: str, n: int) -> None:
+        if n > 0:
+            self.metrics.bytes_uploaded.labels(model, self.destination).inc(n)
+
+    def on_resumed(self, model: str, n: int) -> None:
+        return None
+
+    def on_file_done(self, model: str) -> None:
+        return None
+
+    def on_retry(self, model: str, reason: str) -> None:
+        self.metrics.on_retry(model, reason)
+
+    def on_phase(self, model: str, phase: str) -> None:
+        self.metrics.on_phase(model, phase)
