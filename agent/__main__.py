@@ -31,6 +31,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=("text", "json"), help="default: text on a terminal, json otherwise")
     p.add_argument("--token-file", help="file holding the Hub token, re-read when it changes (else HF_TOKEN, HF_TOKEN_PATH)")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    _registry_options(p)
+
+
+def _registry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry-auth-file", help="docker config file with registry credentials (else REGISTRY_AUTH_FILE, "
+                                                "DOCKER_CONFIG/config.json, ~/.docker/config.json)")
+    p.add_argument("--plain-http", action="store_true", default=None, help="talk to an oci:// registry over plain HTTP")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--workers", type=int)
     sync.add_argument("--token-file")
     sync.add_argument("--endpoint-url")
+    _registry_options(sync)
     sync.add_argument("--metrics-port", type=int)
     sync.add_argument("--metrics-textfile")
     sync.add_argument("--pushgateway")

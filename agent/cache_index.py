@@ -55,7 +55,12 @@ class Repo:
         return sum(blobs.values())
 
     def revisions_of(self, commit: str) -> list[str]:
-        return sorted(rev for rev, c in self.refs.items() if c == commit)
+        """The names that point at `commit`; not `refs/<commit>` itself, the pin a pull by commit leaves."""
+        return sorted(rev for rev, c in self.refs.items() if c == commit and rev != commit)
+
+    def pinned_by_commit(self, commit: str) -> bool:
+        """Pulled by its full commit: `refs/<commit>` names it (layout.write_ref)."""
+        return self.refs.get(commit) == commit
 
 
 def _parse_folder(name: str) -> tuple[str, str] | None:

@@ -41,9 +41,7 @@ def cmd_pull(args, settings: Settings, logger: Logger, env) -> int:
         raise InvalidInput("pull: give either SOURCE or --config models.yaml (or MODEL_AGENT_CONFIG)")
     if settings.config:
         return _pull_config(args, settings, logger)
-    ref = parse_source(args.source)
-    if settings.repo_id and ref.scheme != "hf":  # a bucket stored under --repo-id is known by that name
-        ref = dataclasses.replace(ref, repo_id=settings.repo_id)
+    ref = parse_source(args.source).known_as(settings.repo_id)
     model = ref.model_id()
 
     def go(metrics) -> PullResult:

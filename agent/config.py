@@ -119,6 +119,12 @@ class Settings:
     # --endpoint-url given for an az:// source: the blob service URL (sovereign clouds, Azure Stack,
     # Azurite). Only the flag or MODEL_AGENT_ENDPOINT_URL: AWS_ENDPOINT_URL is for S3 alone.
     azure_endpoint: str | None = None
+    # Registries (oci://): a docker config file given explicitly, plain HTTP only when asked, and the
+    # variables the docker config search reads (REGISTRY_AUTH_FILE, DOCKER_CONFIG, HOME), read once here.
+    registry_auth_file: str | None = None
+    plain_http: bool = False
+    registry_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    registry_ca_bundle: str | None = None  # SSL_CERT_FILE: a private registry's CA
     offline: bool = False
     xet_disabled: bool = False  # HF_HUB_DISABLE_XET: `auto` never picks hf_xet
     config: Path | None = None  # --config / MODEL_AGENT_CONFIG: the models file
@@ -256,6 +262,8 @@ def _hub_environment(env: Mapping[str, str]) -> dict[str, Any]:
         azure_connection_string=env.get("AZURE_STORAGE_CONNECTION_STRING") or None,
         azure_account_key=env.get("AZURE_STORAGE_KEY") or None,
         azure_sas_token=env.get("AZURE_STORAGE_SAS_TOKEN") or None,
+        registry_env=tuple((k, env[k]) for k in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "HOME", "PATH") if env.get(k)),
+        registry_ca_bundle=env.get("SSL_CERT_FILE") or None,
     )
 
 
@@ -267,6 +275,8 @@ def _commands(o: _Options) -> dict[str, Any]:
         once=o.flag("once"),
         dry_run=o.flag("dry_run"),
         overwrite=o.flag("overwrite"),
+        plain_http=o.flag("plain_http"),
+        registry_auth_file=str(o.get("registry_auth_file")) if o.get("registry_auth_file") else None,
         max_bytes=parse_size(max_bytes, what=o.source("max_bytes")) if max_bytes is not None else None,
     )
 

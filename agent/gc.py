@@ -5,7 +5,10 @@ models. Without one (`model-agent gc`): only snapshots model-agent completed for
 (a branch or tag) whose ref now points at another commit. What never goes: a pinned model, the
 commit a declared revision points at, a snapshot pulled by full commit SHA (without a models file),
 a snapshot model-agent did not write (without a models file), a blob another kept snapshot links,
-and anything of a model whose writer lease someone else holds.
+and anything of a model whose writer lease someone else holds. A pull by full commit leaves
+`refs/<commit>` (layout.write_ref), so that snapshot stays even when an earlier pull of a branch wrote
+its lockfile. With a models file, a declared entry whose repo is not known (a mirror never read) could
+be any snapshot, so GC removes nothing while there is one (sync.keep_for).
 
 Each removal happens under the model's writer lease, taken by GC itself (O_EXCL): a writer either
 holds it (GC skips the model and says so) or waits the short time the removal takes. Under it, GC
@@ -27,15 +30,22 @@ from .lease import Lease, LeaseWatch
 from .sources.huggingface import COMMIT_SHA
 
 
+UNKNOWN_IDENTITY = ("its source has not said which repo it holds (never pulled, or unreadable), so any snapshot "
+                    "could be its own: nothing removed")
+
+
 @dataclass(frozen=True)
 class Keep:
-    """What the declared list protects: (repo_type, repo_id) -> revisions; and pinned repos.
+    """What the declared list protects: (repo_type, repo_id) -> revisions (names or commits); and pinned repos.
 
-    `listed=False`: there is no list (plain `gc`); each snapshot's own lockfile says if it is wanted."""
+    `listed=False`: there is no list (plain `gc`); each snapshot's own lockfile says if it is wanted.
+    `unknown`: declared entries whose repo is not known (a mirror not read yet): any snapshot could be
+    theirs, so nothing is removed while there is one."""
 
     revisions: dict[tuple[str, str], set[str]]
     pinned: set[tuple[str, str]]
     listed: bool = True
+    unknown: tuple[str, ...] = ()
 
 
 @dataclass
@@ -57,8 +67,8 @@ class Outcome:
 def _superseded(repo: Repo, snap: Snapshot) -> bool:
     """Completed by us for a moving revision whose ref now names another commit."""
     rev = snap.requested
-    if rev is None or COMMIT_SHA.match(rev):
-        return False  # not ours to judge, or pulled by commit: wanted
+    if rev is None or COMMIT_SHA.match(rev) or repo.pinned_by_commit(snap.commit):
+        return False  # not ours to judge, or pulled by commit (first or since): wanted
     return repo.refs.get(rev) not in (None, snap.commit)
 
 
@@ -75,7 +85,8 @@ def _reason(repo: Repo, snap: Snapshot, keep: Keep) -> str:
     key = (repo.repo_type, repo.repo_id)
     if key not in keep.revisions:
         return "not declared"
-    return "superseded: " + ", ".join(f"{r}->{repo.refs[r][:12]}" for r in sorted(keep.revisions[key]) if r in repo.refs)
+    moved = [r for r in sorted(keep.revisions[key]) if r in repo.refs and repo.refs[r] != r]  # not refs/<commit>
+    return "superseded: " + ", ".join(f"{r}->{repo.refs[r][:12]}" for r in moved)
 
 
 def candidates(repos: list[Repo], keep: Keep) -> list[tuple[Repo, Snapshot, str]]:
@@ -121,8 +132,8 @@ def delete_snapshot(repo: Repo, commit: str) -> int:
     layout.lock_path(commit).unlink(missing_ok=True)
     used_path(layout, commit).unlink(missing_ok=True)
     for rev, c in list(repo.refs.items()):
-        if c == commit:
-            layout.ref_path(rev).unlink(missing_ok=True)
+        if c == commit:  # a ref left naming a missing commit makes huggingface_hub's scan call the repo corrupted
+            _remove_ref(layout.ref_path(rev), top=repo.folder / "refs")
             del repo.refs[rev]
     snap = repo.snapshots.pop(commit)
     shutil.rmtree(layout.snapshot_dir(commit), ignore_errors=True)
@@ -134,6 +145,18 @@ def delete_snapshot(repo: Repo, commit: str) -> int:
         if name not in still_linked:
             (repo.folder / "blobs" / name).unlink(missing_ok=True)
     return freed
+
+
+def _remove_ref(path: Path, *, top: Path) -> None:
+    """Remove a ref file, and the folders of a nested one (`refs/pr/1`) it leaves empty."""
+    path.unlink(missing_ok=True)
+    for folder in path.parents:
+        if folder == top or top not in folder.parents:
+            break
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty: another ref lives there
 
 
 def _watch(path: Path, ttl: float, watches: dict[Path, LeaseWatch]):
@@ -192,6 +215,9 @@ def collect(cache_dir: Path, keep: Keep, *, high: int, low: int, by_volume: bool
     repos = scan(cache_dir)
     out = Outcome(used=usage(cache_dir, repos, by_volume)[0])
     if not force and out.used + need <= high:
+        return out
+    if keep.unknown:
+        out.skipped += [(model, UNKNOWN_IDENTITY) for model in keep.unknown]
         return out
     must_free = max(out.used + need - low, 0) if not force else 1 << 62
     eligible = []

@@ -76,9 +76,14 @@ def temp_name(final: Path, suffix: str = "tmp") -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{suffix}")
 
 
-def atomic_write(final: Path, data: bytes) -> None:
+def atomic_write(final: Path, data: bytes, *, scratch: Path | None = None) -> None:
+    """`scratch`: the folder (on the same file system) that holds the temp file, when a stray temp
+    file next to `final` would be read as data (a ref, by huggingface_hub's cache scan)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+        tmp = scratch / tmp.name
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -177,9 +182,21 @@ class HubCacheLayout:
         return link.parent
 
     def write_ref(self, revision: str, commit: str) -> None:
-        # Written only when it changes: a read-only consumer of an up-to-date cache never writes.
-        if revision != commit and self.read_ref(revision) != commit:
-            atomic_write(self.ref_path(revision), commit.encode())
+        """`refs/<revision>` holds `commit`; written only when it changes, so a read-only consumer of an
+        up-to-date cache never writes. The temp file is made in our records folder: one a kill left
+        in refs/ would be a ref to huggingface_hub, naming no commit (a "corrupted" repo).
+
+        A full commit gets `refs/<commit>` too, which huggingface_hub itself does not write:
+        `hf cache prune` deletes every snapshot no ref names, and a pinned snapshot must survive it.
+        That ref only protects, so a cache that cannot take it (a read-only mount of a snapshot
+        pulled before the ref existed) does not fail the pull."""
+        if self.read_ref(revision) == commit:
+            return
+        try:
+            atomic_write(self.ref_path(revision), commit.encode(), scratch=self.records)
+        except OSError:
+            if revision != commit:
+                raise
 
 
 @dataclass(frozen=True)

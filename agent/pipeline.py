@@ -86,15 +86,17 @@ class Pull:
         self.settings = settings
         self.logger = logger
         self.source = open_source(ref, settings)
-        self.layout = make_layout(settings, self.source)
-        self.revision = revision or settings.revision or self.source.default_revision()
         self.model = ref.model_id()
         self.progress = PullProgress(logger, self.model, bar=tty and logger.fmt == "text",
                                      interval=settings.progress_interval, listeners=listeners)
+        # Before the layout and the default revision: a mirror's are in its listing, whose retries and
+        # warnings (a local path's lost+found, objects a lockfile does not name) are reported as any.
         if hasattr(self.source, "on_retry"):
             self.source.on_retry = lambda reason, delay, exc: self.progress.retry(reason, delay, str(exc))
         if hasattr(self.source, "logger"):
-            self.source.logger = logger  # sources that skip things (a local path's lost+found) say so
+            self.source.logger = logger
+        self.layout = make_layout(settings, self.source)
+        self.revision = revision or settings.revision or self.source.default_revision()
         self.started = time.monotonic()
 
     # -- step 1 ---------------------------------------------------------------------------------

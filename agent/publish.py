@@ -58,16 +58,19 @@ class Publisher:
         self.model = model or lock.repo_id  # the `model` label: the same as the pull's
         self.progress = PullProgress(logger, self.model, bar=tty and logger.fmt == "text",
                                      interval=settings.progress_interval, listeners=listeners)
+        source = getattr(dest, "source", None)  # a bucket destination retries through its source's policy
+        if source is not None and hasattr(source, "on_retry"):
+            source.on_retry = lambda reason, delay, exc: self.progress.retry(reason, delay, str(exc))
         self.started = time.monotonic()
 
     def what(self) -> str:
         return f"push {self.lock.repo_id}@{self.lock.commit[:12]} to {self.dest.display()}"
 
     def run(self) -> PushResult:
+        if callable(getattr(self.dest, "publish", None)):
+            return self._run_by_digest()
         current = self._published()
-        if current is not None and not current.same_model(self.lock) and not self.overwrite:
-            raise InvalidInput(f"{self.what()}: it already holds {current.repo_id}@{current.commit[:12]}, another "
-                               "model: choose another prefix, or pass --overwrite to replace it")
+        self._refuse_another_model(current)
         stored = self.dest.stored()
         todo = self._missing(stored)
         if current is not None and current.same_model(self.lock) and current.commit == self.lock.commit and not todo:
@@ -88,6 +91,37 @@ class Publisher:
         self.dest.delete_record(PUBLISHING_NAME)
         self.dest.tidy()
         return self._result(len(todo), sum(u.size for u in todo))
+
+    def _run_by_digest(self) -> PushResult:
+        """A destination that owns the last step (a registry, agent/destinations/oci.py): `published()` is
+        what it holds now, `missing(items)` the blobs it lacks, and `publish(lock)` makes the snapshot
+        visible in one step (the manifest PUT flips the tag) and returns its digest. Nothing is
+        unpublished first and nothing stale removed: blobs no manifest names are invisible, and the tag
+        names the old manifest, whole, until the new one replaces it."""
+        current = self._published_by_dest()
+        self._refuse_another_model(current)
+        todo = self.dest.missing([self._item(f) for f in self.lock.files])
+        if current is not None and current.same_model(self.lock) and current.commit == self.lock.commit and not todo:
+            return self._result(0, 0, already=True)
+        self._upload(todo, present=sum(f.size for f in self.lock.files) - sum(u.size for u in todo))
+        digest = self.dest.publish(self.lock)
+        self.logger.info("manifest_pushed", f"{self.dest.display()}: now names {digest} "
+                         f"({self.lock.repo_id}@{self.lock.commit[:12]})", dest=self.dest.display(), digest=digest,
+                         commit=self.lock.commit)
+        return self._result(len(todo), sum(u.size for u in todo))
+
+    def _published_by_dest(self) -> PublishedLock | None:
+        try:
+            return self.dest.published()
+        except InvalidInput as exc:
+            if self.overwrite:
+                return None
+            raise InvalidInput(f"{self.what()}: {exc}; pass --overwrite to replace it") from None
+
+    def _refuse_another_model(self, current: PublishedLock | None) -> None:
+        if current is not None and not current.same_model(self.lock) and not self.overwrite:
+            raise InvalidInput(f"{self.what()}: it already holds {current.repo_id}@{current.commit[:12]}, another "
+                               "model: choose another prefix, or pass --overwrite to replace it")
 
     def _remove_stale(self, stored: dict[str, Stored], previous: set[str]) -> None:
         """Files an older commit published that this one has not (a renamed shard): tools that read the
@@ -127,14 +161,17 @@ class Publisher:
     def _missing(self, stored: dict[str, Stored]) -> list[Upload]:
         todo = []
         for f in self.lock.files:
-            item = Upload(path=f.path, local=(self.snapshot / f.path).resolve(), size=f.size, digest=f.etag,
-                          sha256=f.sha256)
+            item = self._item(f)
             there = stored.get(f.path)
             if there is not None and there.size == f.size:
                 if there.digest == f.etag or (there.digest is None and self.dest.confirm(item, there)):
                     continue
             todo.append(item)
         return todo
+
+    def _item(self, f) -> Upload:
+        return Upload(path=f.path, local=(self.snapshot / f.path).resolve(), size=f.size, digest=f.etag,
+                      sha256=f.sha256)
 
     def _upload(self, todo: list[Upload], present: int) -> None:
         self.progress.set_phase("publish")
@@ -151,7 +188,12 @@ class Publisher:
         try:
             with ThreadPoolExecutor(lanes, thread_name_prefix="push") as pool:
                 futures = [pool.submit(self._one, item, stop) for item in sorted(todo, key=lambda u: -u.size)]
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                try:
+                    wait(futures, return_when=FIRST_EXCEPTION)
+                except BaseException:  # SIGTERM, ^C: cancel what is in flight rather than finish it
+                    stop.set()
+                    self.dest.close()
+                    raise
                 stop.set()
                 for fut in futures:
                     if fut.done() and fut.exception() is not None:

@@ -73,7 +73,9 @@ def published_file(entry: dict, what: str) -> PublishedFile:
     git_sha1 = entry.get("git_sha1") or (etag if HEX40.match(etag) and not sha256 else None)
     if not (sha256 or git_sha1):
         raise InvalidInput(f"{what}: {path} has no sha256 or git blob sha1 to verify it against")
-    return PublishedFile(path, size, etag or sha256 or git_sha1, sha256, git_sha1)
+    # The blob name: a git sha1 said outright (a small Hub file), else the sha256. A cache lockfile of a
+    # mirror pulled from a bucket carries the bucket's own ETag (S3's MD5) as `etag`: never a blob name.
+    return PublishedFile(path, size, entry.get("git_sha1") or sha256 or etag, sha256, git_sha1)
 
 
 def parse_lock(data: bytes, what: str) -> PublishedLock:

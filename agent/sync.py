@@ -22,11 +22,12 @@ from . import gc
 from .config import Settings
 from .cache_index import record_use
 from .errors import AgentError, DiskFull, InvalidInput, from_oserror
+from .layout import HubCacheLayout
 from .log import Logger
 from .metrics import Metrics
 from .modelsfile import ModelsFile, ModelSpec, load
 from .pipeline import Pull, PullResult
-from .sources.base import SourceRef, parse_source
+from .sources.base import SourceRef, open_source, parse_source
 
 
 @dataclass
@@ -73,10 +74,7 @@ class Declared:
     def all(mf: ModelsFile, base: Settings) -> list[Declared]:
         out: list[Declared] = []
         for spec in mf.models:
-            ref = parse_source(spec.source)
-            repo_id = spec.repo_id or base.repo_id
-            if repo_id and ref.scheme != "hf":  # a bucket stored under `repo_id` is known by that name
-                ref = dataclasses.replace(ref, repo_id=repo_id)
+            ref = parse_source(spec.source).known_as(spec.repo_id or base.repo_id)
             revision = spec.revision or ref.revision
             entry = f"{ref.model_id()}@{revision}" if revision else ref.model_id()
             taken = {d.entry for d in out}
@@ -86,16 +84,63 @@ class Declared:
         return out
 
 
-def keep_for(mf: ModelsFile, base: Settings) -> gc.Keep:
+@dataclass(frozen=True)
+class Identity:
+    """Where an entry's snapshots live in the cache, the revision it asks for, and the commit its last
+    successful pull made ready (kept until a newer one is ready, as a Hub ref flips only then)."""
+
+    repo_type: str
+    repo_id: str
+    revision: str
+    commit: str | None = None
+
+
+def ask_identity(d: Declared, base: Settings, mf: ModelsFile) -> Identity | None:
+    """What the entry's source says it is, without pulling: a Hub repo its own name (no request); a
+    bucket or path its `repo_id`, or the repo a published lockfile there names, with the revision and
+    commit it holds now (one listing). None: it cannot say (unreachable, not published yet)."""
+    try:
+        settings = settings_for(d.spec, base, mf)
+        source = open_source(d.ref, settings)
+        try:
+            repo_type, repo_id = source.layout_repo()
+            revision = settings.revision or source.default_revision()
+            # A bucket's default revision is the one its lockfile names; a listing that failed raises here.
+            commit = None if d.ref.scheme == "hf" else source.resolve(revision)
+            return Identity(repo_type, repo_id, revision, commit)
+        finally:
+            source.close()
+    except (AgentError, OSError):
+        return None
+
+
+_ASK = object()  # not pulled yet in this process: ask the source
+
+
+def keep_for(mf: ModelsFile, base: Settings, learned: dict[ModelSpec, Identity | None] | None = None) -> gc.Keep:
+    """What GC keeps for this models file, by the identity each entry's last good pull used (`learned`,
+    the sync daemon's memory; None there: its pulls failed, so its bucket is not asked again), else the
+    one its source states now. A published mirror declared without `repo_id` is known only that way,
+    and even with one, only its lockfile names the revision its ref is under. An entry whose identity
+    is unknown could be any snapshot in the cache: it goes to `Keep.unknown`, and GC removes nothing
+    while one is there. A Hub repo's identity is its name, so it is never unknown."""
     revisions: dict[tuple[str, str], set[str]] = {}
     pinned: set[tuple[str, str]] = set()
-    for spec in mf.models:
-        ref = parse_source(spec.source)
-        key = (ref.repo_type, spec.repo_id or ref.repo_id)
-        revisions.setdefault(key, set()).add(spec.revision or ref.revision or "main")
-        if spec.pin:
+    unknown: list[str] = []
+    for d in Declared.all(mf, base):
+        if d.spec.local_dir is not None:
+            continue  # flat files outside the cache: no snapshot in it is this entry's
+        ident = (learned or {}).get(d.spec, _ASK)
+        if ident is _ASK or (ident is None and d.ref.scheme == "hf"):
+            ident = ask_identity(d, base, mf)
+        if ident is None:
+            unknown.append(d.model)
+            continue
+        key = (ident.repo_type, ident.repo_id)
+        revisions.setdefault(key, set()).update(r for r in (ident.revision, ident.commit) if r)
+        if d.spec.pin:
             pinned.add(key)
-    return gc.Keep(revisions, pinned)
+    return gc.Keep(revisions, pinned, unknown=tuple(unknown))
 
 
 class Syncer:
@@ -107,6 +152,7 @@ class Syncer:
         self.metrics = metrics
         self.collect_garbage = collect_garbage
         self.lease_watches: dict = {}  # kept across rounds: a dead writer's lease is seen to stay unchanged
+        self.identities: dict[ModelSpec, Identity | None] = {}  # what each entry's pulls used (keep_for)
         self.stop = threading.Event()
         self.interval = 600.0
         self._cache_choice: tuple | None = None
@@ -125,10 +171,17 @@ class Syncer:
     def _pull(self, d: Declared, mf: ModelsFile) -> PullResult:
         settings, ref = settings_for(d.spec, self.settings, mf), d.ref
         try:
-            pull = Pull(ref, settings, self.logger, listeners=[self.metrics])
-            result = pull.run()
-        except OSError as exc:
-            raise from_oserror(exc, ref.display()) from exc
+            try:
+                pull = Pull(ref, settings, self.logger, listeners=[self.metrics])
+                result = pull.run()
+            except OSError as exc:
+                raise from_oserror(exc, ref.display()) from exc
+        except Exception:
+            # The last good pull's identity (and commit) stays; without one, the entry is unknown to GC.
+            self.identities.setdefault(d.spec, None)
+            raise
+        if isinstance(pull.layout, HubCacheLayout):  # the source's own word: a mirror's lockfile names it
+            self.identities[d.spec] = Identity(pull.layout.repo_type, pull.layout.repo_id, result.revision, result.commit)
         record_use(pull.layout, result.commit)  # declared and ready this round: in use
         return result
 
@@ -153,12 +206,13 @@ class Syncer:
         if force_need:
             used = gc.usage(cache, gc.scan(cache), by_volume)[0]
             high = min(high, used)  # over the mark by definition: we need `need` bytes now
-        outcome = gc.collect(cache, keep_for(mf, self.settings), high=high, low=low, by_volume=by_volume,
+        keep = keep_for(mf, self.settings, self.identities)
+        outcome = gc.collect(cache, keep, high=high, low=low, by_volume=by_volume,
                              lease_ttl=self.settings.lease_ttl, need=need, watches=self.lease_watches)
         victims, freed = outcome.victims, outcome.freed
         for repo_id, why in outcome.skipped:
-            self.logger.info("gc_skipped", f"gc left {repo_id} alone: {why}" if self.logger.fmt != "json" else "",
-                             model=repo_id, reason=why)
+            log = self.logger.warn if repo_id in keep.unknown else self.logger.info
+            log("gc_skipped", f"gc left {repo_id} alone: {why}" if self.logger.fmt != "json" else "", model=repo_id, reason=why)
         for v in victims:
             self.logger.info("gc", f"removed {v.repo.repo_id}@{v.snapshot.commit[:12]} ({v.reason}), freed {v.frees} bytes"
                              if self.logger.fmt != "json" else "", model=v.repo.repo_id, commit=v.snapshot.commit,

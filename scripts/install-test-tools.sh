@@ -56,3 +56,17 @@ if ! command -v squid >/dev/null 2>&1; then
   fi
   apt_install squid squid
 fi
+
+# --- registries (issue 16): Debian's docker-registry (the CNCF distribution registry 2.8), skopeo as
+# the independent client, and htpasswd (apache2-utils) for the registry's bcrypt users. tests/oci/
+# starts its own registries on 127.0.0.1; the package's service must not start (policy-rc.d as above).
+if ! command -v docker-registry >/dev/null 2>&1 || ! command -v skopeo >/dev/null 2>&1 \
+   || ! command -v htpasswd >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt_install docker-registry docker-registry
+  apt_install skopeo skopeo
+  apt_install htpasswd apache2-utils
+fi

@@ -68,6 +68,20 @@ def azurite(tmp_path_factory):
         yield srv
 
 
+@pytest.fixture(scope="session")
+def registries(tmp_path_factory):
+    """Debian's docker-registry (distribution 2.8) behind a private CA: anonymous, basic (htpasswd), plain
+    HTTP, and bearer tokens from our token server with blob GETs redirected to a second host
+    (tests/oci/servers.py). One set for the whole run: tests keep apart by repository name."""
+    from tests.oci.servers import Registries
+
+    regs = Registries(tmp_path_factory.mktemp("oci"))
+    try:
+        yield regs
+    finally:
+        regs.stop()
+
+
 @pytest.fixture(scope="module")
 def xet_hub(tmp_path_factory, demo_files):
     with HubServer(tmp_path_factory.mktemp("xet-hub"), xet=True) as srv:
@@ -98,6 +112,30 @@ def pull_args(hub, repo: str, cache: Path, *more: str) -> list[str]:
 
 def hub_env(hub, **extra: str) -> dict[str, str]:
     return clean_env(HF_ENDPOINT=hub.url, **extra)
+
+
+CONSUMER = """
+import json, sys
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig
+repo, commit, cache = sys.argv[1:4]
+path = snapshot_download(repo, revision=commit, cache_dir=cache, local_files_only=True)
+config = AutoConfig.from_pretrained(repo, revision=commit, cache_dir=cache, local_files_only=True)
+print(json.dumps({"path": path, "model_type": config.model_type}))
+"""
+
+
+def load_offline(cache: Path, repo_id: str, commit: str) -> dict:
+    """What a consumer pinned to the Hub commit does (HF_HUB_OFFLINE=1, the GKE guide's and Dynamo's
+    recipes): huggingface_hub's snapshot_download and transformers' AutoConfig, from `cache` alone.
+    Returns {"path", "model_type"}; fails the test with the consumer's own error otherwise."""
+    import json
+
+    r = subprocess.run([sys.executable, "-c", CONSUMER, repo_id, commit, str(cache)], capture_output=True, text=True,
+                       env=clean_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache)), timeout=120)
+    if r.returncode != 0:
+        pytest.fail(f"an offline consumer pinned to {repo_id}@{commit} could not load from {cache}: {r.stderr[-1500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @contextmanager

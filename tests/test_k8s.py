@@ -159,7 +159,7 @@ def contract_exit_codes() -> tuple[set[int], set[int]]:
 # ---- render, validate, lint -----------------------------------------------------------------------
 
 def test_every_kustomization_renders(rendered):
-    assert set(rendered) >= {"base", "rwx-pvc", "node-cache", "dev"}
+    assert set(rendered) >= {"base", "rwx-pvc", "node-cache", "dev", "fleet"}
     for name, (_, docs) in rendered.items():
         assert workloads(docs), f"{name} renders no workload"
         for doc in docs:
@@ -320,7 +320,34 @@ def test_image_installs_every_source_sdk_by_default():
     assert project["optional-dependencies"]["all"] == [f"{project['name']}[s3,gcs,azure]"]
 
 
+def models_of(doc: dict, c: dict, docs: list[dict]) -> list[dict]:
+    """The models file a `sync` / `pull --config` container reads, from the ConfigMap mounted there."""
+    path = flag(c.get("args", []), "--config")
+    if not path:
+        return []
+    mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    cm = one(docs, "ConfigMap", volume(doc, mount["name"])["configMap"]["name"])
+    return [m if isinstance(m, dict) else {"source": m}
+            for m in yaml.safe_load(cm["data"][path[len(mount["mountPath"]) + 1:]])["models"]]
+
+
+def sources_of(doc: dict, c: dict, docs: list[dict]) -> list[str]:
+    """Where an agent container reads model bytes from: its SOURCE argument or its models file."""
+    args = c.get("args", [])
+    if args[:1] in (["pull"], ["push"]) and "--config" not in args:
+        return [args[1]]
+    return [m["source"] for m in models_of(doc, c, docs)]
+
+
+def reads_the_hub(source: str) -> bool:
+    from agent.sources.base import parse_source
+
+    return parse_source(source).scheme == "hf"
+
+
 def test_token_comes_from_a_mounted_secret_file(rendered):
+    """A container that reads the Hub gets the token as a mounted Secret file; one that reads only
+    buckets (the fleet's nodes) has no token at all."""
     for name, docs in overlays(rendered).items():
         for doc in workloads(docs):
             for c in containers(doc):
@@ -329,7 +356,12 @@ def test_token_comes_from_a_mounted_secret_file(rendered):
                     assert "HF_TOKEN" not in e["name"] and "secretKeyRef" not in e.get("valueFrom", {}), where
                 assert not any("secretRef" in f for f in c.get("envFrom", [])), where
                 token_file = flag(c.get("args", []), "--token-file")
-                if not is_agent(c) or c.get("args", [None])[0] not in ("pull", "sync"):
+                if not (is_agent(c) and "command" not in c) or c.get("args", [None])[0] not in ("pull", "sync", "push"):
+                    continue
+                if not any(reads_the_hub(src) for src in sources_of(doc, c, docs)):
+                    assert not token_file, f"{where}: a Hub token for a container that never reads the Hub"
+                    assert not any(volume(doc, m["name"]).get("secret", {}).get("secretName") == "hf-token"
+                                   for m in c.get("volumeMounts", [])), where
                     continue
                 assert token_file, f"{where}: a writer without --token-file"
                 mount = next(m for m in c["volumeMounts"] if token_file.startswith(m["mountPath"] + "/"))
@@ -373,8 +405,9 @@ def test_images_are_tagged_and_pushgateway_is_set(rendered):
             assert flag(container(job, "agent")["args"], "--pushgateway", ).startswith("http")
 
 
-def test_daemonset_targets_gpu_nodes_and_serves_metrics(rendered):
-    docs = rendered["node-cache"][1]
+@pytest.mark.parametrize("overlay", ["node-cache", "fleet"])
+def test_daemonset_targets_gpu_nodes_and_serves_metrics(rendered, overlay):
+    docs = rendered[overlay][1]
     ds = one(docs, "DaemonSet")
     spec = pod_spec(ds)
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
@@ -392,7 +425,135 @@ def test_daemonset_targets_gpu_nodes_and_serves_metrics(rendered):
     # the consumer runs on the same nodes as the cache it reads
     vllm = one(docs, "Deployment", "vllm")
     assert pod_spec(vllm)["nodeSelector"] == spec["nodeSelector"]
-    assert not find(docs, "PersistentVolumeClaim") and not find(docs, "Job")
+    if overlay == "node-cache":
+        assert not find(docs, "PersistentVolumeClaim") and not find(docs, "Job")
+
+
+# ---- the fleet: the Hub once, into a bucket; every node from the bucket ----------------------------
+
+def fleet_parts(docs: list[dict]) -> tuple[dict, dict, dict]:
+    """(publish Job, node DaemonSet, vLLM Deployment) of a rendered fleet."""
+    return one(docs, "Job", "model-publish"), one(docs, "DaemonSet", "model-cache"), one(docs, "Deployment", "vllm")
+
+
+def namespace_of(doc: dict) -> str:
+    return doc["metadata"].get("namespace", "")
+
+
+def holds_hub_token(doc: dict) -> bool:
+    spec = pod_spec(doc)
+    secrets = {v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+    token_env = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+    return "hf-token" in secrets or any("--token-file" in c.get("args", []) or
+                                        any(e["name"].startswith(token_env) for e in c.get("env", []))
+                                        for c in containers(doc))
+
+
+def assert_hub_token_only_in_the_publish_job(docs: list[dict]):
+    job, ds, _ = fleet_parts(docs)
+    holders = [f"{d['kind']}/{d['metadata']['name']}" for d in workloads(docs) if holds_hub_token(d)]
+    assert holders == ["Job/model-publish"], holders
+    mount = next(m for m in container(job, "agent")["volumeMounts"] if m["name"] == "hf-token")
+    assert flag(container(job, "agent")["args"], "--token-file").startswith(mount["mountPath"] + "/")
+    # and not even in the nodes' namespace: a pod there could mount a Secret it holds
+    assert namespace_of(job) and namespace_of(job) != namespace_of(ds), (namespace_of(job), namespace_of(ds))
+    for doc in workloads(docs):
+        if doc is not job:
+            assert namespace_of(doc) == namespace_of(ds), doc["metadata"]["name"]
+
+
+def test_fleet_hub_token_is_mounted_only_in_the_publish_job(rendered):
+    assert_hub_token_only_in_the_publish_job(rendered["fleet"][1])
+
+
+def test_fleet_nodes_read_only_the_published_mirror(rendered):
+    """The nodes' models file names only bucket prefixes, each the publish Job's DEST at its pinned
+    commit; the node agents carry no Hub setting at all; vLLM stays offline."""
+    docs = rendered["fleet"][1]
+    job, ds, vllm = fleet_parts(docs)
+    args = container(job, "agent")["args"]
+    dest, commit = args[2], flag(args, "--revision")
+    for c in agent_runs(ds):
+        models = models_of(ds, c, docs)
+        assert models and all(not reads_the_hub(m["source"]) for m in models), models
+        assert [m["source"] for m in models] == [dest], "the nodes read what the Job publishes"
+        assert all(m.get("revision") == commit and "repo_id" not in m for m in models), models
+        assert dest.startswith("s3://") and dest.rstrip("/").endswith(commit), "one prefix per commit"
+        assert not [k for k in env_of(c) if k.startswith("HF_") and k != "HF_HOME"], c["name"]
+    for c in containers(vllm):
+        assert env_of(c).get("HF_HUB_OFFLINE") == "1", c["name"]
+
+
+def test_fleet_publish_job(rendered):
+    """push ORG/NAME DEST at a pinned commit, staged on a PVC (its real size is what the agent's disk
+    check sees), JSON logs, the exit-code contract as FailJob / Count, its own bucket identity."""
+    from agent.__main__ import build_parser
+
+    docs = rendered["fleet"][1]
+    job, ds, _ = fleet_parts(docs)
+    agent = container(job, "agent")
+    parsed = build_parser().parse_args(agent["args"])  # the real CLI's parser: every flag exists
+    assert (parsed.command, parsed.log_format) == ("push", "json")
+    assert reads_the_hub(parsed.source) and not reads_the_hub(parsed.dest) and SHA.match(parsed.revision)
+    assert parsed.pushgateway.startswith("http")
+    staging = next(m for m in agent["volumeMounts"] if parsed.cache_dir.startswith(m["mountPath"] + "/"))
+    claim = volume(job, staging["name"])["persistentVolumeClaim"]["claimName"]
+    pvc = one(docs, "PersistentVolumeClaim", claim)
+    assert pvc["spec"]["resources"]["requests"]["storage"] and namespace_of(pvc) == namespace_of(job)
+    assert env_of(agent)["HF_HOME"].startswith(staging["mountPath"] + "/")
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    fail = {code for r in rules if r["action"] == "FailJob" for code in r["onExitCodes"]["values"]}
+    assert fail == {2, 3, 4, 5, 6} and job["spec"]["backoffLimit"] > 0
+    roles = set()
+    for doc in (job, ds):  # each its own bucket role: write for the Job, read for the nodes
+        sa = one(docs, "ServiceAccount", pod_spec(doc)["serviceAccountName"])
+        assert namespace_of(sa) == namespace_of(doc) and sa["automountServiceAccountToken"] is False
+        roles.add(sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"])
+    assert len(roles) == 2, roles
+    for c in agent_runs(ds):
+        parsed = build_parser().parse_args(c["args"])
+        assert parsed.command == "sync" and parsed.token_file is None
+
+
+def fleet_with(tmp_path: Path, component: str) -> Path:
+    """A user's overlay: the fleet plus one of its components (paths relative: kustomize wants them)."""
+    import os.path
+
+    fleet = K8S / "overlays" / "fleet"
+    rel = os.path.relpath(fleet, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"resources: [{rel}]\ncomponents: [{rel}/{component}]\n")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def fleet_static_keys(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = fleet_with(tmp_path_factory.mktemp("fleet-static-keys"), "static-keys")
+    out = root / "rendered.yaml"
+    out.write_text(kustomize(root))
+    return out, [d for d in yaml.safe_load_all(out.read_text()) if d]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_fleet_static_keys_validate_and_stay_files(fleet_static_keys, version):
+    """The static-keys component (MinIO, Ceph: no IRSA) validates strictly, brings the keys as a
+    mounted file per namespace (write keys to the Job, read keys to the nodes), drops the IRSA roles
+    (a web identity would win over the file in botocore's chain), and keeps every fleet guarantee."""
+    out, docs = fleet_static_keys
+    proc = kubernetes_validate([out], version)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_hub_token_only_in_the_publish_job(docs)
+    job, ds, _ = fleet_parts(docs)
+    assert [c["name"] for c in pod_spec(ds)["initContainers"]] == ["own-cache-dir", "fill"]
+    for doc, secret in ((job, "bucket-write"), (ds, "bucket-read")):
+        for c in agent_runs(doc):
+            env = env_of(c)
+            assert not [k for k in env if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")], c["name"]
+            keys_file = env["AWS_SHARED_CREDENTIALS_FILE"]
+            mount = next(m for m in c["volumeMounts"] if keys_file.startswith(m["mountPath"] + "/"))
+            vol = volume(doc, mount["name"])["secret"]
+            assert mount["readOnly"] is True and vol["secretName"] == secret and vol["defaultMode"] & 0o007 == 0
+    for sa in find(docs, "ServiceAccount"):
+        assert "eks.amazonaws.com/role-arn" not in sa["metadata"].get("annotations", {}), sa["metadata"]["name"]
 
 
 # ---- run the entrypoint the way the pods do -------------------------------------------------------
@@ -684,6 +845,46 @@ def http_get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def serve_sync(sync: dict, mounts: dict[str, Path], subst: dict[str, str], *, hub_url: str) -> str:
+    """Run the long-running `sync` container until its readiness probe answers 200, check liveness,
+    stop it with SIGTERM as the kubelet does (it must exit cleanly), and return its /metrics."""
+    port = str(free_port())
+    argv, env = pod_process(sync, mounts, {**subst, flag(sync["args"], "--metrics-port"): port}, hub_url=hub_url)
+    proc = subprocess.Popen([*(AS_IMAGE_USER or []), *argv], env=env, cwd="/", stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        probe = sync["readinessProbe"]["httpGet"]["path"]
+        deadline, status = time.monotonic() + 30, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                status, _ = http_get(f"http://127.0.0.1:{port}{probe}")
+                if status == 200:
+                    break
+            time.sleep(0.2)
+        assert status == 200, f"readiness {status}; exit {proc.poll()}"
+        assert http_get(f"http://127.0.0.1:{port}{sync['livenessProbe']['httpGet']['path']}")[0] == 200
+        metrics = http_get(f"http://127.0.0.1:{port}/metrics")[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode in (0, 143), out
+    return metrics
+
+
+def own_cache_dir(ds: dict, host_path: Path):
+    """The DaemonSet's root step, run on the local stand-in for the hostPath (when we are root)."""
+    chown = container(ds, "own-cache-dir")
+    if AS_IMAGE_USER:
+        script = chown["command"][2].replace('"/cache"', json.dumps(str(host_path)))
+        assert host_path.stat().st_uid == 0
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+        assert (host_path.stat().st_uid, host_path.stat().st_gid) == (IMAGE_UID, IMAGE_UID)
+
+
 def test_daemonset_fills_the_node_cache_and_serves_readiness(rendered, hub, pinned_repo, vols, demo_files):
     """node-cache overlay: the root chown step hands a root-owned hostPath to 65532, `fill` pulls the
     models file from the ConfigMap, `sync` reports /readyz 200 and stops on SIGTERM, and vLLM's init
@@ -699,47 +900,98 @@ def test_daemonset_fills_the_node_cache_and_serves_readiness(rendered, hub, pinn
     secret = secret_volume(vols, "hf-token", {"token": TOKEN})
     mounts = {"model-cache": host_path, "models": config_dir, "hf-token": secret}
 
-    chown = container(ds, "own-cache-dir")
-    if AS_IMAGE_USER:
-        script = chown["command"][2].replace('"/cache"', json.dumps(str(host_path)))
-        assert host_path.stat().st_uid == 0
-        subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
-        assert (host_path.stat().st_uid, host_path.stat().st_gid) == (IMAGE_UID, IMAGE_UID)
+    own_cache_dir(ds, host_path)
 
     fill = run_pod(container(ds, "fill"), {**mounts, "tmp": vols.new("tmp-fill")}, {}, hub_url=hub.url)
     assert fill.returncode == 0, fill.stdout + fill.stderr
     hf_home = Path(map_value(env_of(container(ds, "fill"))["HF_HOME"], {"/cache": host_path}, {}))
     assert (snapshot_root(hf_home / "hub", repo) / ".model-agent" / f"{commit}.ready").exists()
 
-    sync = container(ds, "sync")
-    port = str(free_port())
-    argv, env = pod_process(sync, {**mounts, "tmp": vols.new("tmp-sync")}, {flag(sync["args"], "--metrics-port"): port},
-                            hub_url=hub.url)
-    proc = subprocess.Popen([*(AS_IMAGE_USER or []), *argv], env=env, cwd="/", stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        probe = sync["readinessProbe"]["httpGet"]["path"]
-        deadline, status = time.monotonic() + 30, None
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(OSError):
-                status, _ = http_get(f"http://127.0.0.1:{port}{probe}")
-                if status == 200:
-                    break
-            time.sleep(0.2)
-        assert status == 200, f"readiness {status}; exit {proc.poll()}"
-        assert http_get(f"http://127.0.0.1:{port}{sync['livenessProbe']['httpGet']['path']}")[0] == 200
-        metrics = http_get(f"http://127.0.0.1:{port}/metrics")[1]
-        assert re.search(r'^model_agent_snapshot_ready\{model="%s"\} 1\.0$' % re.escape(repo), metrics, re.M), metrics
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-    assert proc.returncode in (0, 143), out
+    metrics = serve_sync(container(ds, "sync"), {**mounts, "tmp": vols.new("tmp-sync")}, {}, hub_url=hub.url)
+    assert re.search(r'^model_agent_snapshot_ready\{model="%s"\} 1\.0$' % re.escape(repo), metrics, re.M), metrics
 
     waiter = container(vllm, "wait-for-model")
     done = run_pod(waiter, {"model-cache": vols.read_only(host_path), "tmp": vols.new("tmp-w")}, {pinned: commit},
                    hub_url=hub.url)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def publish_like_the_job(job: dict, hub, weed, vols: Volumes, pinned: str, commit: str) -> tuple[dict, dict, str]:
+    """Run the fleet's publish Job (static-keys variant) against the project's Hub and SeaweedFS.
+    Returns the manifests' strings mapped to this run's (bucket, commit, endpoint) and the keys file."""
+    from objstore.servers import S3_KEY, S3_SECRET
+
+    agent = container(job, "agent")
+    bucket = f"fleet-{time.monotonic_ns()}"
+    weed.client().create_bucket(Bucket=bucket)
+    dest = agent["args"][2]
+    local = {dest.split("/models/", 1)[0] + "/": f"s3://{bucket}/", pinned: commit}  # s3://BUCKET/ of the manifests
+    endpoint = {env_of(agent)["AWS_ENDPOINT_URL"]: weed.url}
+    mapped_dest = dest
+    for old, new in local.items():
+        mapped_dest = mapped_dest.replace(old, new)
+    subst = {pinned: commit, dest: mapped_dest, **endpoint,
+             flag(agent["args"], "--pushgateway"): "http://127.0.0.1:9"}  # nothing listens: never fails the Job
+    keys = f"[default]\naws_access_key_id = {S3_KEY}\naws_secret_access_key = {S3_SECRET}\n"
+    proc = run_pod(agent, {"staging": vols.new("staging", size="300m"), "tmp": vols.new("tmp-job"),
+                           "hf-token": secret_volume(vols, "hf-token", {"token": TOKEN}),
+                           "bucket-keys": secret_volume(vols, "bucket-write", {"credentials": keys})}, subst,
+                   hub_url=hub.url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    prefix = mapped_dest.split(f"s3://{bucket}/", 1)[1]
+    lock = json.loads(weed.client().get_object(Bucket=bucket, Key=prefix + ".model-agent/lock.json")["Body"].read())
+    assert lock["commit"] == commit
+    return local, endpoint, keys
+
+
+def models_files(cm: dict, folder: Path, local: dict[str, str], extra: dict[str, str] | None = None) -> Path:
+    """The ConfigMap as its volume, with the manifests' strings mapped to this run's (regex -> replacement in extra)."""
+    for key, text in cm["data"].items():
+        for old, new in local.items():
+            text = text.replace(old, new)
+        for pattern, repl in (extra or {}).items():
+            text = re.sub(pattern, repl, text)
+        (folder / key).write_text(text)
+    return folder
+
+
+def test_fleet_publish_job_then_nodes_fill_from_the_bucket_without_the_hub(fleet_static_keys, hub, pinned_repo, weed,
+                                                                        vols, demo_files):
+    """The fleet as its pods run it (static-keys variant, against SeaweedFS): the publish Job pushes
+    the pinned commit from the Hub with the mounted token; with the Hub unreachable and no token, the
+    node's `fill` makes the snapshot ready from the bucket, `sync` answers /readyz 200, a round under
+    disk pressure keeps the (unpinned) declared commit; vLLM's `wait` passes on a read-only view and
+    huggingface_hub loads the snapshot offline by the Hub commit."""
+    docs = fleet_static_keys[1]
+    job, ds, vllm = fleet_parts(docs)
+    repo, pinned, commit = pinned_repo
+    local, endpoint, keys = publish_like_the_job(job, hub, weed, vols, pinned, commit)
+    no_hub = "http://127.0.0.1:9"
+
+    host_path = vols.new("host-cache", size="300m", owner=None)
+    own_cache_dir(ds, host_path)
+    cm = one(docs, "ConfigMap", volume(ds, "models")["configMap"]["name"])
+    mounts = {"model-cache": host_path, "models": models_files(cm, vols.new("models", owner=None), local),
+              "bucket-keys": secret_volume(vols, "bucket-read", {"credentials": keys})}
+    fill = run_pod(container(ds, "fill"), {**mounts, "tmp": vols.new("tmp-fill")}, endpoint, hub_url=no_hub)
+    assert fill.returncode == 0, fill.stdout + fill.stderr
+    hf_home = Path(map_value(env_of(container(ds, "fill"))["HF_HOME"], {"/cache": host_path}, {}))
+    ready = snapshot_root(hf_home / "hub", repo) / ".model-agent" / f"{commit}.ready"
+    assert ready.exists()
+    for path in files_under(host_path):
+        assert TOKEN.encode() not in path.read_bytes(), path
+    metrics = serve_sync(container(ds, "sync"), {**mounts, "tmp": vols.new("tmp-sync")}, endpoint, hub_url=no_hub)
+    assert re.search(r"^model_agent_snapshot_ready\{.*\} 1\.0$", metrics, re.M), metrics
+    # Not pinned (old commits must go after a rollout): under disk pressure the declaration alone
+    # must keep this commit. A 1 KiB watermark makes the round collect everything it may.
+    pressed = models_files(cm, vols.new("models-pressed", owner=None), local,
+                           {r"(high|low)_watermark: \S+": r"\1_watermark: 1Ki"})
+    gc_round = run_pod(container(ds, "fill"), {**mounts, "models": pressed, "tmp": vols.new("tmp-gc")}, endpoint,
+                       hub_url=no_hub)
+    assert gc_round.returncode == 0 and ready.exists(), gc_round.stdout + gc_round.stderr
+
+    ro = vols.read_only(host_path)
+    done = run_pod(container(vllm, "wait-for-model"), {"model-cache": ro, "tmp": vols.new("tmp-w")}, {pinned: commit},
+                   hub_url=no_hub)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_loads_offline(ro, container(vllm, "vllm"), "/cache", repo, commit, demo_files)

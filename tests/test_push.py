@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, agent_cmd, hub_env, run_agent
+from conftest import ROOT, agent_cmd, hub_env, load_offline, run_agent
 
 REPO = "org/pushed"
 STRACE = shutil.which("strace")
@@ -178,3 +178,15 @@ def test_a_new_commit_takes_the_old_commits_files_away_but_never_a_strangers(hub
     assert not (dest / "model.safetensors").exists()  # the old commit's name: gone before the new lockfile
     assert (dest / "weights-renamed.safetensors").exists()
     assert (dest / "notes.txt").exists()
+
+
+def test_a_pull_of_a_pushed_path_is_loaded_offline_by_a_consumer_pinned_to_the_hub_commit(hub, demo_files, tmp_path):
+    commit = hub.add_repo(REPO, demo_files)
+    dest = tmp_path / "nfs" / "mirror"
+    assert push(hub, tmp_path / "staging", dest).returncode == 0
+    node_cache = tmp_path / "node-cache"
+    r = run_agent("pull", str(dest), "--cache-dir", str(node_cache), "--log-format", "json")  # no Hub in sight
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert events(r, "summary")[0]["commit"] == commit
+    got = load_offline(node_cache, REPO, commit)
+    assert got["model_type"] == "llama" and got["path"].endswith(f"snapshots/{commit}")

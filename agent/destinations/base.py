@@ -109,7 +109,7 @@ def _load() -> None:
     # Imported for their `register` side effect; each imports its SDK lazily.
     from . import local  # noqa: F401
 
-    for name in ("s3", "gcs", "azure"):
+    for name in ("s3", "gcs", "azure", "oci"):
         try:
             __import__(f"{__package__}.{name}")
         except ModuleNotFoundError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Iterator
 
 from ..errors import InvalidInput
@@ -53,11 +53,20 @@ class SourceRef:
             return f"hf://{kind}{self.repo_id}"
         if self.scheme == "file":
             return f"file://{self.path}"
+        if self.scheme == "oci":
+            return self.path  # the reference as written: oci://REGISTRY/REPOSITORY[:TAG][@DIGEST]
         return f"{self.scheme}://{self.bucket}/{self.prefix}"
 
     def model_id(self) -> str:
         """The bounded `model` label of every metric: the repo id, else the bucket path."""
         return self.repo_id or self.display()
+
+    def known_as(self, repo_id: str | None) -> "SourceRef":
+        """This source under `repo_id` (--repo-id, a models file's `repo_id`): a bucket or folder is
+        stored and labelled by that name; a Hub repo keeps its own."""
+        if not repo_id or self.scheme == "hf":
+            return self
+        return replace(self, repo_id=repo_id)
 
 
 class RangesIgnored(Exception):
@@ -225,6 +234,14 @@ def _load_backends() -> None:
         pass
     # Object stores: their SDKs are optional extras, imported only when a pull needs them.
     from . import azure, gcs, s3  # noqa: F401
+
+    import importlib
+
+    try:  # registries: agent/sources/oci.py
+        importlib.import_module(f"{__package__}.oci")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.oci":
+            raise
 
 
 def parse_source(text: str) -> SourceRef:

@@ -1,11 +1,13 @@
 """A mounted directory: `/abs/path` or `file:///abs/path` (an NFS PVC copied to node-local disk...).
 
-Its identity is its content like a bucket's: the content id over (path, size, mtime). Walking it
-skips what is not data, and says so: `lost+found` at the top, folders we may not read, our own
-`.model-agent/` records, sockets and fifos. A symlink is followed only while it stays inside the
-source tree; for a Hugging Face snapshot folder the tree is its repo folder, where its links point
-(`snapshots/<commit>/x -> ../../blobs/<sha>`). Reads check size and mtime before and after, so a
-file rewritten during the copy fails the pull (exit 7) instead of landing half old, half new.
+Its identity is its content like a bucket's: the content id over (path, size, mtime), unless it is a
+mirror of a Hub snapshot (agent/mirror.py), which the walk lets it see: the `.model-agent/` and
+`.cache/huggingface/` bookkeeping is listed like the rest (never copied). Walking it skips what is
+not data, and says so: `lost+found` at the top, folders we may not read, sockets and fifos. A
+symlink is followed only while it stays inside the source tree; for a Hugging Face snapshot folder
+the tree is its repo folder, where its links point (`snapshots/<commit>/x -> ../../blobs/<sha>`).
+Reads check size and mtime before and after, so a file rewritten during the copy fails the pull
+(exit 7) instead of landing half old, half new.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
 from ..errors import AgentError, AuthError, InvalidInput, NotFound, Retryable
-from ..layout import RECORDS_DIR
+from ..mirror import is_bookkeeping
 from .base import RangeReader, RemoteFile, SourceRef, register
 from .objstore import ObjectInfo, ObjectStoreSource, changed
 
 READ_SIZE = 8 * 2**20
-SKIP_AT_TOP = ("lost+found", RECORDS_DIR)
+SKIP_AT_TOP = ("lost+found",)
 
 
 def _inside(path: str, tree: str) -> bool:
@@ -114,7 +116,9 @@ class LocalSource(ObjectStoreSource):
 
     def _info(self, rel: str, real: str) -> ObjectInfo:
         st = os.stat(real)
-        if not os.access(real, os.R_OK):
+        # Bookkeeping is read only if it is a mirror's (then an unreadable lockfile fails that read, exit 3):
+        # hf's zero-byte `.lock` files, a lease, a partial of a pull under way never stop the listing.
+        if not is_bookkeeping(rel) and not os.access(real, os.R_OK):
             raise PermissionError(errno.EACCES, "permission denied", rel)
         self.real_paths[rel] = real
         stamp = str(st.st_mtime_ns)

@@ -5,6 +5,9 @@ A bucket has no revisions, so its identity is its content: the sha1 of the sorte
 snapshot folder, and a pull of an unchanged bucket is a no-op. Every byte read afterwards is pinned
 to the listed version (If-Match, generation, VersionId): if an object changes under a running
 pull, the read fails with `SourceChanged` (exit 7, retryable) instead of mixing old and new.
+
+A prefix that mirrors a Hub snapshot (a published lockfile, or an `hf download --local-dir` tree) is
+read back with the Hub's identity instead: agent/mirror.py recognises it from the raw listing.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -19,6 +23,7 @@ from .. import httpio
 from ..errors import AgentError, InvalidInput, NotFound, Retryable, TransientError
 from ..keepalive import KeepAlivePool
 from ..layout import safe_relpath
+from ..mirror import SMALL_MAX, Mirror, is_bookkeeping, recognise
 from ..retry import RetryPolicy, call_with_retry
 from .base import RangeGate, RangeReader, RangesIgnored, RemoteFile, Source, SourceRef
 
@@ -94,11 +99,13 @@ class ObjectStoreSource(Source):
         self.policy = RetryPolicy(settings.retry_max_failures, settings.retry_base_delay)
         self.on_retry: Callable[[str, float, Exception], None] = lambda reason, delay, exc: None
         self._files: list[RemoteFile] | None = None
+        self._mirror: Mirror | None = None  # what the listing showed the prefix to be, if a mirror
+        self._failure: AgentError | None = None  # a listing that failed before the pull ran (see default_revision)
 
     # -- what each backend provides ---------------------------------------------------------------
     @abstractmethod
     def list_objects(self) -> Iterator[ObjectInfo]:
-        """Every object under the prefix, raw (markers included); SDK errors may escape."""
+        """Every object under the prefix, raw (markers and bookkeeping folders included); SDK errors may escape."""
 
     @abstractmethod
     def map_error(self, exc: Exception, what: str) -> Exception:
@@ -106,24 +113,46 @@ class ObjectStoreSource(Source):
 
     # -- the Source interface ---------------------------------------------------------------------
     def default_revision(self) -> str:
-        return "main"  # the source has no revisions: --revision only names refs/<revision>
+        """`main`, or the revision a published prefix names. Asked before the pull runs (and by `wait`):
+        a listing that fails here is kept and raised by resolve(), where a pull reports its errors, and
+        `wait` carries on with `main` as before. Offline, nothing is listed."""
+        if self.settings.offline:
+            return "main"
+        try:
+            found = self.mirror()
+        except AgentError as exc:
+            self._failure = exc
+            return "main"
+        return found.revision if found is not None and found.revision else "main"
 
     def layout_repo(self) -> tuple[str, str]:
         from .huggingface import check_repo_id
 
-        if not self.settings.repo_id:
-            raise InvalidInput(f"{self.ref.display()}: an object-store source needs --local-dir DIR, or --repo-id "
-                               "ORG/NAME to store it in the Hugging Face cache layout under that name")
-        return "model", check_repo_id(self.settings.repo_id)
+        if self.settings.repo_id:  # wins over a lockfile's name; nothing listed (`wait` needs no bucket access)
+            return "model", check_repo_id(self.settings.repo_id)
+        found = None if self.settings.offline else self.mirror()
+        if found is not None and found.repo_id:
+            return found.repo_type, check_repo_id(found.repo_id)
+        if found is not None:
+            raise InvalidInput(f"{self.ref.display()}: a tree made by hf download --local-dir does not say which repo "
+                               "it is: give --repo-id ORG/NAME (or pull it with --local-dir DIR)")
+        raise InvalidInput(f"{self.ref.display()}: an object-store source needs --local-dir DIR, or --repo-id "
+                           "ORG/NAME to store it in the Hugging Face cache layout under that name")
 
     def resolve(self, revision: str) -> str:
         from .huggingface import check_revision
 
         check_revision(revision)
+        found = self.mirror()
+        if found is not None:
+            return found.resolve(revision, self.ref.display())
         return content_id(self.listing())
 
     def list_files(self, commit: str) -> list[RemoteFile]:
         files = self.listing()
+        if self._mirror is not None:
+            self._mirror.check_commit(commit, self.ref.display())
+            return files
         now = content_id(files)
         if now != commit:
             raise NotFound(f"{self.ref.display()}: content id {commit[:12]} is not what the source holds now "
@@ -142,31 +171,63 @@ class ObjectStoreSource(Source):
 
         return call_with_retry(attempt, policy=self.policy, what=what, on_retry=self.on_retry)
 
+    def mirror(self) -> Mirror | None:
+        self.listing()
+        return self._mirror
+
     def listing(self) -> list[RemoteFile]:
+        if self._failure is not None:
+            raise self._failure
         if self._files is None:
             what = self.ref.display()
-            raw = self.call(lambda: list(self.list_objects()), what)
-            self._files = self.to_files(raw)
+            objects = self.relative(self.call(lambda: list(self.list_objects()), what))
+            settings = self.settings
+            found = recognise(objects, lambda paths: self.read_small(objects, paths), what=what,
+                              include=settings.include, exclude=settings.exclude, warn=self.warn)
+            self._mirror = found
+            if found is not None:
+                self._files = list(found.files)
+            else:
+                self._files = self.to_files({rel: o for rel, o in objects.items() if not is_bookkeeping(rel)})
         return self._files
 
-    def to_files(self, objects: list[ObjectInfo]) -> list[RemoteFile]:
-        what = self.ref.display()
+    def relative(self, objects: list[ObjectInfo]) -> dict[str, ObjectInfo]:
+        """The listing by path under the prefix, without zero-byte "directory markers": `x/` (S3 consoles,
+        s3fs) or `x` with objects under it (ADLS Gen2, some sync tools). Skipped as azcopy does; a real
+        file there could not be written next to the folder anyway (agent/plan.py refuses other clashes)."""
         folders = {key[:i] for key in (o.key for o in objects) for i, c in enumerate(key) if c == "/"}
-        files = []
-        for obj in objects:
-            if obj.size == 0 and (obj.key.endswith("/") or obj.key in folders):
-                # A zero-byte "directory marker": `x/` (S3 consoles, s3fs) or `x` with objects under
-                # it (ADLS Gen2, some sync tools). Skipped as azcopy does; a real file there could not
-                # be written next to the folder anyway (agent/plan.py refuses any other such clash).
-                continue
-            rel = obj.key[len(self.ref.prefix):] if obj.key.startswith(self.ref.prefix) else obj.key
-            files.append(RemoteFile(
-                path=safe_relpath(rel, context=what), size=obj.size, etag=obj.etag, checksums=dict(obj.checksums),
-                version={**obj.record, "content_version": obj.content_version},
-            ))
+        prefix = self.ref.prefix
+        return {o.key.removeprefix(prefix): o for o in objects
+                if not (o.size == 0 and (o.key.endswith("/") or o.key in folders))}
+
+    def to_files(self, objects: dict[str, ObjectInfo]) -> list[RemoteFile]:
+        what = self.ref.display()
+        files = [RemoteFile(path=safe_relpath(rel, context=what), size=obj.size, etag=obj.etag,
+                            checksums=dict(obj.checksums), version={**obj.record, "content_version": obj.content_version})
+                 for rel, obj in objects.items()]
         if not files:
             raise NotFound(f"{what}: no objects under this prefix")
         return files
+
+    def read_small(self, objects: dict[str, ObjectInfo], paths: list[str]) -> dict[str, bytes]:
+        """Whole small objects (a lockfile, download metadata), read as the files are: pinned to the
+        listed version, retried, several at a time (a tree has one metadata file per model file)."""
+        what = self.ref.display()
+        reader = self.reader("http", "")
+
+        def one(rel: str) -> bytes:
+            obj = objects[rel]
+            if obj.size > SMALL_MAX:
+                raise InvalidInput(f"{what} {rel}: {obj.size} bytes, too large for a lockfile or metadata file")
+            file = RemoteFile(path=rel, size=obj.size, etag=obj.etag,
+                              version={**obj.record, "content_version": obj.content_version})
+            return self.call(lambda: b"".join(bytes(p) for p in reader.read_range(file, 0, file.size)), f"{what} {rel}")
+
+        try:
+            with ThreadPoolExecutor(max(1, min(16, self.settings.workers, len(paths)))) as pool:
+                return dict(zip(paths, pool.map(one, paths)))
+        finally:
+            reader.close()
 
     def warn(self, event: str, message: str, **fields) -> None:
         if self.logger is not None:
