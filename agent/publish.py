@@ -37,6 +37,7 @@ class PushResult:
     skipped_files: int
     seconds: float
     already_published: bool = False
+    last: str = "the lockfile"  # what made it visible, written after every file: a lockfile, or a manifest
 
 
 def staged_lock(layout, commit: str, revision: str, source: str) -> PublishedLock:
@@ -105,6 +106,7 @@ class Publisher:
             return self._result(0, 0, already=True)
         self._upload(todo, present=sum(f.size for f in self.lock.files) - sum(u.size for u in todo))
         digest = self.dest.publish(self.lock)
+        self._last = f"the manifest {digest}"
         self.logger.info("manifest_pushed", f"{self.dest.display()}: now names {digest} "
                          f"({self.lock.repo_id}@{self.lock.commit[:12]})", dest=self.dest.display(), digest=digest,
                          commit=self.lock.commit)
@@ -215,4 +217,5 @@ class Publisher:
     def _result(self, files: int, nbytes: int, already: bool = False) -> PushResult:
         return PushResult(dest=self.dest.display(), commit=self.lock.commit, files=len(self.lock.files),
                           uploaded_files=files, uploaded_bytes=nbytes, skipped_files=len(self.lock.files) - files,
-                          seconds=time.monotonic() - self.started, already_published=already)
+                          seconds=time.monotonic() - self.started, already_published=already,
+                          last=getattr(self, "_last", "the lockfile"))

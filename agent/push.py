@@ -71,7 +71,7 @@ def _push_summary(logger: Logger, model: str, r: PushResult) -> None:
     else:
         text = (f"{model}@{r.commit[:12]} published at {r.dest}: {r.files} files, uploaded {r.uploaded_files} "
                 f"({human_bytes(r.uploaded_bytes)}) in {r.seconds:.1f}s ({human_bytes(rate)}/s), "
-                f"{r.skipped_files} already there; lockfile written last")
+                f"{r.skipped_files} already there; {r.last} written last")
     logger.info("published", text if logger.fmt != "json" else "", model=model, dest=r.dest, commit=r.commit,
                 files=r.files, uploaded_files=r.uploaded_files, uploaded_bytes=r.uploaded_bytes,
                 skipped_files=r.skipped_files, seconds=round(r.seconds, 3), already_published=r.already_published)
