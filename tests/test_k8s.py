@@ -159,7 +159,7 @@ def contract_exit_codes() -> tuple[set[int], set[int]]:
 # ---- render, validate, lint -----------------------------------------------------------------------
 
 def test_every_kustomization_renders(rendered):
-    assert set(rendered) >= {"base", "rwx-pvc", "node-cache", "dev", "fleet"}
+    assert set(rendered) >= {"base", "rwx-pvc", "node-cache", "dev", "fleet", "fleet-registry"}
     for name, (_, docs) in rendered.items():
         assert workloads(docs), f"{name} renders no workload"
         for doc in docs:
@@ -405,7 +405,7 @@ def test_images_are_tagged_and_pushgateway_is_set(rendered):
             assert flag(container(job, "agent")["args"], "--pushgateway", ).startswith("http")
 
 
-@pytest.mark.parametrize("overlay", ["node-cache", "fleet"])
+@pytest.mark.parametrize("overlay", ["node-cache", "fleet", "fleet-registry"])
 def test_daemonset_targets_gpu_nodes_and_serves_metrics(rendered, overlay):
     docs = rendered[overlay][1]
     ds = one(docs, "DaemonSet")
@@ -515,11 +515,11 @@ def test_fleet_publish_job(rendered):
         assert parsed.command == "sync" and parsed.token_file is None
 
 
-def fleet_with(tmp_path: Path, component: str) -> Path:
+def fleet_with(tmp_path: Path, component: str, overlay: str = "fleet") -> Path:
     """A user's overlay: the fleet plus one of its components (paths relative: kustomize wants them)."""
     import os.path
 
-    fleet = K8S / "overlays" / "fleet"
+    fleet = K8S / "overlays" / overlay
     rel = os.path.relpath(fleet, tmp_path)
     (tmp_path / "kustomization.yaml").write_text(f"resources: [{rel}]\ncomponents: [{rel}/{component}]\n")
     return tmp_path
@@ -554,6 +554,99 @@ def test_fleet_static_keys_validate_and_stay_files(fleet_static_keys, version):
             assert mount["readOnly"] is True and vol["secretName"] == secret and vol["defaultMode"] & 0o007 == 0
     for sa in find(docs, "ServiceAccount"):
         assert "eks.amazonaws.com/role-arn" not in sa["metadata"].get("annotations", {}), sa["metadata"]["name"]
+
+
+# ---- the fleet from a registry: push to oci://, every node pulls with a dockerconfigjson Secret -----
+
+DOCKERCONFIG_KEY = ".dockerconfigjson"  # the key of a `kubernetes.io/dockerconfigjson` Secret
+
+
+def mounted_file(doc: dict, c: dict, path: str) -> tuple[dict, dict, str]:
+    """(volumeMount, volume, key path inside the volume) of the file `c` reads at `path`."""
+    mount = next(m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"] + "/"))
+    return mount, volume(doc, mount["name"]), path[len(mount["mountPath"]) + 1:]
+
+
+def registry_auth_path(c: dict) -> str:
+    """Where a container's agent reads registry credentials: the flag, else the docker config env."""
+    env = env_of(c)
+    found = flag(c.get("args", []), "--registry-auth-file") or env.get("REGISTRY_AUTH_FILE")
+    return found or (env["DOCKER_CONFIG"] + "/config.json" if "DOCKER_CONFIG" in env else "")
+
+
+def secret_names(doc: dict) -> set[str]:
+    return {v["secret"]["secretName"] for v in pod_spec(doc).get("volumes", []) if "secret" in v}
+
+
+def test_fleet_registry_credentials_are_secret_files_each_on_its_side(rendered):
+    """Push credentials only in the publish Job, pull credentials on the nodes: each a dockerconfigjson
+    Secret mounted read-only as a file (`.dockerconfigjson` -> config.json, not world-readable), never
+    in the environment; the Hub token still only in the Job; no bucket role left on either side."""
+    docs = rendered["fleet-registry"][1]
+    assert_hub_token_only_in_the_publish_job(docs)
+    job, ds, _ = fleet_parts(docs)
+    sides: dict[str, set[str]] = {"Job": set(), "DaemonSet": set()}
+    for doc in (job, ds):
+        for c in agent_runs(doc):
+            where = f"{doc['kind']}:{c['name']}"
+            path = registry_auth_path(c)
+            assert path, f"{where}: no registry credentials"
+            mount, vol, key_path = mounted_file(doc, c, path)
+            assert mount.get("readOnly") is True, where
+            assert vol["secret"]["items"] == [{"key": DOCKERCONFIG_KEY, "path": key_path}], where
+            assert vol["secret"]["defaultMode"] & 0o007 == 0, f"{where}: world-readable credentials"
+            assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in c.get("env", [])), where
+            assert not c.get("envFrom"), where
+            sides[doc["kind"]].add(vol["secret"]["secretName"])
+    (push,), (pull,) = sides["Job"], sides["DaemonSet"]
+    assert push != pull, "the nodes would hold the push credentials"
+    assert [d["metadata"]["name"] for d in workloads(docs) if push in secret_names(d)] == ["model-publish"]
+    for sa in find(docs, "ServiceAccount"):
+        assert "eks.amazonaws.com/role-arn" not in sa["metadata"].get("annotations", {}), sa["metadata"]["name"]
+
+
+def test_fleet_registry_nodes_read_the_pushed_artifact_at_its_commit(rendered):
+    """The Job pushes ORG/NAME at a pinned commit to oci://REGISTRY/REPO:COMMIT (the CLI's own parser
+    and reference parser read it); the nodes' models file names exactly that reference and commit."""
+    from agent.__main__ import build_parser
+    from agent.oci.reference import parse_reference
+
+    docs = rendered["fleet-registry"][1]
+    job, ds, _ = fleet_parts(docs)
+    parsed = build_parser().parse_args(container(job, "agent")["args"])
+    assert parsed.command == "push" and reads_the_hub(parsed.source) and SHA.match(parsed.revision)
+    ref = parse_reference(parsed.dest)
+    assert parsed.dest.startswith("oci://") and ref.tag == parsed.revision, "a tag per commit, never rewritten"
+    for c in agent_runs(ds):
+        assert build_parser().parse_args(c["args"]).token_file is None
+        models = models_of(ds, c, docs)
+        assert [m["source"] for m in models] == [parsed.dest], "the nodes read what the Job pushes"
+        assert all(m.get("revision") == parsed.revision and "repo_id" not in m for m in models), models
+        assert not [k for k in env_of(c) if k.startswith("HF_") and k != "HF_HOME"], c["name"]
+
+
+@pytest.fixture(scope="session")
+def fleet_registry_ca(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = fleet_with(tmp_path_factory.mktemp("fleet-registry-ca"), "private-ca", overlay="fleet-registry")
+    out = root / "rendered.yaml"
+    out.write_text(kustomize(root))
+    return out, [d for d in yaml.safe_load_all(out.read_text()) if d]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_fleet_registry_private_ca_validates_and_reaches_every_agent(fleet_registry_ca, version):
+    """The private-ca component: SSL_CERT_FILE in every agent container of the Job and the nodes, a
+    file of a ConfigMap mounted read-only; the rest of the registry fleet unchanged."""
+    out, docs = fleet_registry_ca
+    proc = kubernetes_validate([out], version)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job, ds, _ = fleet_parts(docs)
+    assert [c["name"] for c in pod_spec(ds)["initContainers"]] == ["own-cache-dir", "fill"]
+    for doc in (job, ds):
+        for c in agent_runs(doc):
+            mount, vol, key_path = mounted_file(doc, c, env_of(c)["SSL_CERT_FILE"])
+            assert mount.get("readOnly") is True and [i["path"] for i in vol["configMap"]["items"]] == [key_path]
+            assert registry_auth_path(c), c["name"]
 
 
 # ---- run the entrypoint the way the pods do -------------------------------------------------------
@@ -994,4 +1087,54 @@ def test_fleet_publish_job_then_nodes_fill_from_the_bucket_without_the_hub(fleet
     done = run_pod(container(vllm, "wait-for-model"), {"model-cache": ro, "tmp": vols.new("tmp-w")}, {pinned: commit},
                    hub_url=no_hub)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert_loads_offline(ro, container(vllm, "vllm"), "/cache", repo, commit, demo_files)
+
+
+@pytest.mark.skipif(not shutil.which("docker-registry"), reason="docker-registry: scripts/install-test-tools.sh")
+def test_fleet_registry_job_pushes_then_nodes_fill_from_the_registry_without_the_hub(
+        fleet_registry_ca, hub, pinned_repo, registries, vols, demo_files):
+    """The registry fleet (private-ca variant) as its pods run it, against the basic-auth registry behind
+    the suite's private CA: the Job pushes the pinned commit with the push Secret's config.json; with the
+    Hub unreachable and no token, `fill` makes the snapshot ready from the registry with the pull Secret
+    (DOCKER_CONFIG), `sync` answers /readyz 200, and vLLM loads the snapshot offline by the Hub commit."""
+    import base64
+
+    from agent.oci.reference import parse_reference
+    from tests.oci.servers import PASSWORD, USER
+
+    docs = fleet_registry_ca[1]
+    job, ds, vllm = fleet_parts(docs)
+    agent, fill = container(job, "agent"), container(ds, "fill")
+    repo, pinned, commit = pinned_repo
+    dest = agent["args"][2]
+    here = f"oci://{registries.basic.host}/{parse_reference(dest).repository}-{time.monotonic_ns()}:{commit}"
+    auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    config = json.dumps({"auths": {registries.basic.host: {"auth": auth}}})
+    ca_mount, _, ca_key = mounted_file(job, agent, env_of(agent)["SSL_CERT_FILE"])
+    ca = secret_volume(vols, ca_mount["name"], {ca_key: registries.pki.ca.read_text()})
+    push_secret = mounted_file(job, agent, registry_auth_path(agent))
+    proc = run_pod(agent, {"staging": vols.new("staging", size="300m"), "tmp": vols.new("tmp-job"), ca_mount["name"]: ca,
+                           "hf-token": secret_volume(vols, "hf-token", {"token": TOKEN}),
+                           push_secret[0]["name"]: secret_volume(vols, "push", {push_secret[2]: config})},
+                   {pinned: commit, dest: here, flag(agent["args"], "--pushgateway"): "http://127.0.0.1:9"},
+                   hub_url=hub.url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    no_hub = "http://127.0.0.1:9"
+    host_path = vols.new("host-cache", size="300m", owner=None)
+    own_cache_dir(ds, host_path)
+    cm = one(docs, "ConfigMap", volume(ds, "models")["configMap"]["name"])
+    pull_secret = mounted_file(ds, fill, registry_auth_path(fill))
+    mounts = {"model-cache": host_path, "models": models_files(cm, vols.new("models", owner=None), {dest: here, pinned: commit}),
+              pull_secret[0]["name"]: secret_volume(vols, "pull", {pull_secret[2]: config}), ca_mount["name"]: ca}
+    done = run_pod(fill, {**mounts, "tmp": vols.new("tmp-fill")}, {}, hub_url=no_hub)
+    assert done.returncode == 0, done.stdout + done.stderr
+    hf_home = Path(map_value(env_of(fill)["HF_HOME"], {"/cache": host_path}, {}))
+    assert (snapshot_root(hf_home / "hub", repo) / ".model-agent" / f"{commit}.ready").exists()
+    metrics = serve_sync(container(ds, "sync"), {**mounts, "tmp": vols.new("tmp-sync")}, {}, hub_url=no_hub)
+    assert re.search(r"^model_agent_snapshot_ready\{.*\} 1\.0$", metrics, re.M), metrics
+    ro = vols.read_only(host_path)
+    waited = run_pod(container(vllm, "wait-for-model"), {"model-cache": ro, "tmp": vols.new("tmp-w")}, {pinned: commit},
+                     hub_url=no_hub)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
     assert_loads_offline(ro, container(vllm, "vllm"), "/cache", repo, commit, demo_files)
