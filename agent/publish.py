@@ -24,7 +24,7 @@ from .errors import InvalidInput, NotFound
 from .lockfile import read_lock
 from .log import Logger
 from .progress import PullProgress
-from .published import LOCK_NAME, PUBLISHING_NAME, RECORDS, PublishedLock, parse_lock, published_file
+from .published import LOCK_NAME, PUBLISHING_NAME, RECORDS, NotOurs, PublishedLock, parse_lock, published_file
 
 
 @dataclass
@@ -115,7 +115,7 @@ class Publisher:
     def _published_by_dest(self) -> PublishedLock | None:
         try:
             return self.dest.published()
-        except InvalidInput as exc:
+        except NotOurs as exc:
             if self.overwrite:
                 return None
             raise InvalidInput(f"{self.what()}: {exc}; pass --overwrite to replace it") from None

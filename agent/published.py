@@ -25,6 +25,11 @@ HEX40 = re.compile(r"^[0-9a-f]{40}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
+class NotOurs(InvalidInput):
+    """DEST holds something this agent did not publish (another tool's artifact, an unreadable lockfile):
+    refused unless --overwrite, and only this refusal is lifted by it."""
+
+
 @dataclass(frozen=True)
 class PublishedFile:
     path: str

@@ -19,7 +19,7 @@ import json
 import posixpath
 from dataclasses import dataclass
 
-from ..errors import InvalidInput
+from ..published import NotOurs
 from ..published import HEX40, HEX64, PublishedFile, PublishedLock
 from . import mediatypes as mt
 
@@ -122,7 +122,7 @@ def published_lock(manifest: dict, digest: str, what: str) -> PublishedLock:
     repo_id, commit = str(notes.get(mt.HF_REPO_ID) or ""), str(notes.get(mt.HF_COMMIT) or "")
     if not repo_id or not HEX40.match(commit):
         kind = manifest.get("artifactType") or manifest.get("mediaType") or "a manifest"
-        raise InvalidInput(f"{what} names {digest[:19]}..., {kind} without the Hub identity model-agent writes "
+        raise NotOurs(f"{what} names {digest[:19]}..., {kind} without the Hub identity model-agent writes "
                            f"({mt.HF_REPO_ID}, {mt.HF_COMMIT}): not a model published by model-agent")
     files = []
     for layer in manifest.get("layers") or []:
