@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--metrics-textfile", help="write metrics here for node-exporter's textfile collector")
     pull.add_argument("--pushgateway", help="push metrics to this Prometheus Pushgateway URL")
     pull.add_argument("--progress-interval", help="seconds between JSON progress lines (default 10s)")
+    pull.add_argument("--memory-limit",
+                      help="memory to plan buffers for, e.g. 2Gi (default: the cgroup memory limit, else the host RAM)")
 
     wait = sub.add_parser("wait", help="block until a snapshot is ready (exit 8 on timeout)")
     wait.add_argument("source")
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--log-format", choices=("text", "json"))
     sync.add_argument("--lease-ttl")
     sync.add_argument("--progress-interval")
+    sync.add_argument("--memory-limit")
 
     lst = sub.add_parser("list", help="every model in the cache: revisions, commits, size, ready, last use")
     lst.add_argument("--cache-dir")
@@ -127,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--metrics-textfile", help="write metrics here for node-exporter's textfile collector")
     push.add_argument("--pushgateway", help="push metrics to this Prometheus Pushgateway URL")
     push.add_argument("--progress-interval", help="seconds between JSON progress lines (default 10s)")
+    push.add_argument("--memory-limit",
+                      help="memory to plan buffers for, e.g. 2Gi (default: the cgroup memory limit, else the host RAM)")
 
     demo = sub.add_parser("demo", help="serve a generated model from an embedded Hub and pull it (no network)")
     demo.add_argument("--cache-dir", default=None, help="default ./model-cache")

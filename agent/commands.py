@@ -19,19 +19,25 @@ from .sources.base import open_source, parse_source
 
 
 def _summary(logger: Logger, r: PullResult) -> None:
+    from .memory import peak_rss
+
     rate = r.bytes_fetched / r.seconds if r.seconds > 0 else 0
+    # The process's high-water mark so far (a models file's later summaries include the earlier pulls),
+    # and hf_transfer's child's, which the pod's limit counts too.
+    own, child = peak_rss()
+    peak = f"peak RSS {human_bytes(own)}" + (f" (+ {human_bytes(child)} in a child)" if child else "")
     if r.already_ready:
-        text = f"{r.model}@{r.revision}: already present and verified at {r.commit} ({r.path})"
+        text = f"{r.model}@{r.revision}: already present and verified at {r.commit} ({r.path}); {peak}"
     else:
         resumed = f" ({human_bytes(r.bytes_resumed)} resumed from disk)" if r.bytes_resumed else ""
         text = (f"{r.model}@{r.revision} -> {r.commit}: {r.files} files, {human_bytes(r.bytes_total)}, "
                 f"fetched {human_bytes(r.bytes_fetched)}{resumed} in {r.seconds:.1f}s ({human_bytes(rate)}/s) "
-                f"with {r.engine}; ready at {r.path}")
+                f"with {r.engine}, {peak}; ready at {r.path}")
     # The rate is the network's: bytes resumed from disk were not transferred.
     logger.info("summary", text if logger.fmt != "json" else "", model=r.model, revision=r.revision, commit=r.commit,
                 files=r.files, bytes=r.bytes_total, bytes_fetched=r.bytes_fetched, bytes_resumed=r.bytes_resumed,
                 seconds=round(r.seconds, 3), engine=r.engine, avg_rate_bps=int(rate), already_ready=r.already_ready,
-                path=str(r.path))
+                path=str(r.path), peak_rss_bytes=own, **({"peak_rss_child_bytes": child} if child else {}))
 
 
 def cmd_pull(args, settings: Settings, logger: Logger, env) -> int:
@@ -101,7 +107,7 @@ def cmd_demo(args, settings: Settings, logger: Logger, env) -> int:
     with tempfile.TemporaryDirectory(prefix="model-agent-demo-") as tmp:
         files = make_demo_model(Path(tmp) / "model")
         # Like the real Hub, the embedded one stores large files in Xet, so `auto` shows its choice.
-        with HubServer(Path(tmp) / "hub", xet=settings.engine in ("auto", "xet")) as hub:
+        with HubServer(Path(tmp) / "hub", xet="http" if settings.engine in ("auto", "xet") else False) as hub:
             hub.add_repo("demo-org/tiny-llm", files)
             logger.info("demo", f"embedded Hub serving demo-org/tiny-llm at {hub.url} (no network needed)")
             demo_settings = dataclasses.replace(settings, cache_dir=cache_dir, hf_endpoint=hub.url, credential=Credential(None),

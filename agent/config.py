@@ -142,6 +142,11 @@ class Settings:
     direct_io: str = "auto"  # O_DIRECT for large files: auto (local block file systems), on, off
     disk_margin: int = 256 * 2**20
     xet_high_performance: bool = False
+    # The memory a pull plans for (agent/memory.py): --memory-limit / MODEL_AGENT_MEMORY_LIMIT, else None
+    # (the cgroup's limit, else the host's RAM, read when a transfer needs it).
+    memory_limit: int | None = None
+    memory_limit_from: str = "--memory-limit"
+    xet_env: frozenset[str] = frozenset()  # the HF_XET_* variables set: the operator's, never overridden
     retry_max_failures: int = 8
     retry_base_delay: float = 0.5
     wait_timeout: float = 1800.0
@@ -281,6 +286,15 @@ def _commands(o: _Options) -> dict[str, Any]:
     )
 
 
+def _memory(o: _Options, env: Mapping[str, str]) -> dict[str, Any]:
+    given = o.get("memory_limit")
+    limit = parse_size(given, what=o.source("memory_limit")) if given is not None else None
+    if limit is not None and limit <= 0:
+        raise InvalidInput(f"{o.source('memory_limit')} {given!r}: must be more than 0")
+    return dict(memory_limit=limit, memory_limit_from=o.source("memory_limit"),
+                xet_env=frozenset(name for name, value in env.items() if name.startswith("HF_XET_") and value))
+
+
 def build_settings(opts: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     """Merge parsed flags (None when not given) with the environment, validate, freeze."""
     o = _Options(opts, env)
@@ -315,7 +329,9 @@ def build_settings(opts: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         chunk_size=parse_size(o.get("chunk_size", "64Mi"), what=o.source("chunk_size")),
         direct_io=o.choice("direct_io", "auto", ("auto", "on", "off")),
         disk_margin=parse_size(o.get("disk_margin", "256Mi"), what=o.source("disk_margin")),
-        xet_high_performance=_truthy(env.get("HF_XET_HIGH_PERFORMANCE")) or bool(opts.get("xet_high_performance")),
+        xet_high_performance=_truthy(env.get("HF_XET_HIGH_PERFORMANCE") or env.get("HF_XET_HP"))
+        or bool(opts.get("xet_high_performance")),
+        **_memory(o, env),
         retry_max_failures=o.integer("retry_max_failures", 8, 1),
         retry_base_delay=float(o.get("retry_base_delay", 0.5)),
         wait_timeout=o.duration("timeout", "30m"),

@@ -13,10 +13,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, push_to_gateway
 
 from .layout import atomic_write
+from .memory import peak_rss
 
 PHASES = ("resolve", "waiting", "plan", "transfer", "commit", "publish", "done", "failed")
 # A 600 GB pull over a slow link takes hours: buckets reach well past that.
@@ -53,6 +54,13 @@ class Metrics:
                                      ["model", "source"], registry=r)
         self.bytes_uploaded = Counter("model_agent_bytes_uploaded", "Bytes `push` sent to its destination",
                                       ["model", "destination"], registry=r)
+        # The pod's memory: process_resident_memory_bytes (and CPU, fds) from prometheus_client's own
+        # collector, read from /proc at each scrape; the peak is the kernel's high-water mark (ru_maxrss),
+        # the number to hold against the pod's limit (agent/memory.py).
+        ProcessCollector(registry=r)
+        self.peak_rss = Gauge("model_agent_peak_resident_memory_bytes",
+                              "Peak RSS of this process (or of its largest finished child, hf_transfer's)", registry=r)
+        self.peak_rss.set_function(lambda: max(peak_rss()))
         self._lock = threading.Lock()
         # Readiness is kept per declared entry (one repo may be declared at several revisions); the
         # `ready` gauge of a model is 1 only when every entry of that model is.

@@ -113,7 +113,7 @@ def http_sections(args: argparse.Namespace, work: Path, models: dict) -> dict:
 def xet_section(args: argparse.Namespace, work: Path, models: dict) -> dict:
     """Smaller model on a hub whose LFS files are also in a local hf_xet CAS."""
     shutil.rmtree(work / "hub-xet", ignore_errors=True)  # fresh CAS: the upload time printed is real
-    with HubServer(work / "hub-xet", xet=True) as hub:
+    with HubServer(work / "hub-xet", xet="http") as hub:
         start = time.perf_counter()
         commit = hub.add_repo(REPO, models["small"])
         upload_s = time.perf_counter() - start

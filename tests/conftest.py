@@ -84,7 +84,8 @@ def registries(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def xet_hub(tmp_path_factory, demo_files):
-    with HubServer(tmp_path_factory.mktemp("xet-hub"), xet=True) as srv:
+    # Xet served over HTTP, as the Hub's CAS serves it; HubServer(xet="local") keeps hf_xet's local:// CAS
+    with HubServer(tmp_path_factory.mktemp("xet-hub"), xet="http") as srv:
         srv.add_repo("org/xet-model", demo_files)
         yield srv
 

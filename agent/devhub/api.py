@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import base64
-import secrets
-import time
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from . import views
 from .files import resolve
 from .repo import Repo, RepoStore
-from .xet import TOKEN_TTL
 
 if TYPE_CHECKING:
     from .handler import HubHandler, Request
@@ -156,7 +153,8 @@ def _xet_read_token(h: "HubHandler", req: "Request", repo: Repo, rest: list[str]
     commit = h.resolve_commit(repo, "/".join(rest) or "main")
     if commit is None:
         return
-    token, exp, cas = "xet_" + secrets.token_urlsafe(24), int(time.time()) + TOKEN_TTL, h.hub.xet_cas.endpoint
+    token, exp = h.hub.xet_cas.issue_token()
+    cas = h.hub.xet_endpoint
     # huggingface_hub reads the headers; hf_xet's own token refresher reads the JSON body
     headers = {"X-Xet-Cas-Url": cas, "X-Xet-Access-Token": token, "X-Xet-Token-Expiration": str(exp)}
     h.respond_json(200, {"casUrl": cas, "accessToken": token, "exp": exp}, headers)

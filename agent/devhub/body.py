@@ -44,7 +44,9 @@ def send_body(
         _sendfile(sock, fd, start, head, on_sent)
         rest_start, rest = start + head, length - head
         if fault.kind == "corrupt":
-            _copy(sock, fd, rest_start, rest, on_sent, transform=_FLIP)
+            flipped = min(fault.span or rest, rest)
+            _copy(sock, fd, rest_start, flipped, on_sent, transform=_FLIP)
+            _sendfile(sock, fd, rest_start + flipped, rest - flipped, on_sent)
         elif fault.kind == "slow":
             _copy(sock, fd, rest_start, rest, on_sent, rate=fault.rate, stop=stop)
         else:

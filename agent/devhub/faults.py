@@ -7,10 +7,14 @@ Two phases are checked per request:
   with `window` > 0 it answers every matching request until that many seconds after its first one,
   like a real quota window. A "redirect" answers 307 to the same path and query under `location`;
 - body faults ("reset", "truncate", "stall", "corrupt", "slow") alter a file body being sent,
-  so they only apply to resolve/CDN responses that carry file bytes;
+  so they only apply to responses that carry file bytes (resolve, CDN, Xet xorbs). "corrupt"
+  inverts every byte after `after_bytes`, or only `span` of them: bytes inside a stored Xet chunk
+  then still decode, to wrong data;
 - range faults ("ignore_range") answer a ranged request with 200 and the whole body, as servers
   and Hub mirrors that do not implement Range do (olah, some proxies).
-A fault is used up after `count` matching requests.
+The Xet CAS host ("cas", agent/devhub/cas.py) takes request faults on its paths ("/v2/reconstructions/*",
+"/xorbs/*": a 401 there is the CAS refusing the token, a 403 on a xorb a stale presigned URL) and body
+faults on xorb bodies. A fault is used up after `count` matching requests.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 REQUEST_KINDS = frozenset({"status", "429", "redirect"})
 BODY_KINDS = frozenset({"reset", "truncate", "stall", "corrupt", "slow"})
 RANGE_KINDS = frozenset({"ignore_range"})
-HOSTS = frozenset({"api", "cdn", "any"})
+HOSTS = frozenset({"api", "cdn", "cas", "any"})
 METHODS = frozenset({"GET", "HEAD", "POST", "any"})
 
 
@@ -43,6 +47,7 @@ class Fault:
     send_retry_after: bool = True  # "429": False sends only RateLimit / RateLimit-Policy
     window: float = 0.0  # "429": seconds of refusals from the first hit on (count is then ignored)
     location: str = ""  # "redirect": base URL (scheme://host[:port]) to send the client to
+    span: int = 0  # "corrupt": how many bytes to invert (0: all the rest of the body)
     hits: int = 0  # how many requests this fault has been applied to
     started: float | None = None  # monotonic time of the first hit, for `window`
 
@@ -88,6 +93,7 @@ class FaultSet:
         send_retry_after: bool = True,
         window: float = 0.0,
         location: str = "",
+        span: int = 0,
     ) -> Fault:
         if kind not in REQUEST_KINDS | BODY_KINDS | RANGE_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
@@ -101,7 +107,7 @@ class FaultSet:
         if kind == "redirect" and not location:
             raise ValueError("a 'redirect' fault needs location (a base URL)")
         fault = Fault(kind, path_glob, count, after_bytes, status, retry_after, seconds, rate, host, method,
-                      send_retry_after, window, location.rstrip("/"))
+                      send_retry_after, window, location.rstrip("/"), span)
         with self._lock:
             self._faults.append(fault)
         return fault

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .api import route
 from .body import ConnectionDropped
+from .cas import route_cas
 from .files import route_cdn
 from .repo import Commit, Repo
 
@@ -99,7 +100,7 @@ class HubHandler(BaseHTTPRequestHandler):
         self.hub.stats.record_request(self.host_kind, req.method, req.target, req.headers)
         self.request_id = "Root=1-" + secrets.token_hex(12)
         try:
-            (route_cdn if self.host_kind == "cdn" else route)(self, req)
+            {"cdn": route_cdn, "cas": route_cas}.get(self.host_kind, route)(self, req)
         except ConnectionDropped:
             self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):

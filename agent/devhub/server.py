@@ -2,7 +2,8 @@
 
 Two listening sockets: the API host (`url`: /api/..., /{repo}/resolve/...) and a CDN host
 (`cdn_url`) that LFS downloads are redirected to, on a different port so that clients treat
-it as a different origin, exactly as they treat the Hub's CDN.
+it as a different origin, exactly as they treat the Hub's CDN. With `xet="http"` a third one,
+the Xet CAS host (`cas_url`, agent/devhub/cas.py); `xet="local"` hands hf_xet a `local://` CAS.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class HubServer:
         self,
         data_dir: Path,
         *,
-        xet: bool = False,
+        xet: bool | str = False,
         lfs_threshold: int = 10_000,
         tree_page_size: int = 1000,
         host: str = "127.0.0.1",
@@ -55,7 +56,9 @@ class HubServer:
         self.stats = Stats()
         self.store = RepoStore()
         self.blobs = BlobStore(self.data_dir, lfs_threshold)
-        self.xet_cas = XetCas(self.data_dir / "xet-cas") if xet else None
+        # xet=True is the `local://` CAS, as before the HTTP CAS existed
+        mode = "local" if xet is True else xet
+        self.xet_cas = XetCas(self.data_dir / "xet-cas", mode) if mode else None
         self.tree_page_size = tree_page_size
         # (repo_id, path) -> what the tree listing says instead of the truth: {"oid": ..., "lfs_oid": ...,
         # "xetHash": ...}. A broken or hostile HF_ENDPOINT, for tests of what clients accept.
@@ -76,7 +79,7 @@ class HubServer:
         if self._listeners:
             return self
         self.stopping.clear()
-        for kind in ("api", "cdn"):
+        for kind in self._kinds():
             listener = _Listener((self.host, self._ports.get(kind, 0)), self, kind)
             self._ports[kind] = listener.server_address[1]
             # short poll interval: stop() waits up to one interval per listener
@@ -87,6 +90,10 @@ class HubServer:
             self._listeners.append(listener)
             self._threads.append(thread)
         return self
+
+    def _kinds(self) -> tuple[str, ...]:
+        http_cas = self.xet_cas is not None and self.xet_cas.mode == "http"
+        return ("api", "cdn", "cas") if http_cas else ("api", "cdn")
 
     def stop(self) -> None:
         self.stopping.set()  # wakes stalled and throttled bodies
@@ -129,6 +136,16 @@ class HubServer:
     def cdn_url(self) -> str:
         """The CDN host LFS downloads are redirected to (another port = another origin)."""
         return self._base_url("cdn")
+
+    @property
+    def cas_url(self) -> str:
+        """The Xet CAS host (xet="http" only)."""
+        return self._base_url("cas")
+
+    @property
+    def xet_endpoint(self) -> str:
+        """What the token route hands out as X-Xet-Cas-Url."""
+        return self.cas_url if self.xet_cas.mode == "http" else self.xet_cas.endpoint
 
     # -- content --------------------------------------------------------------------------
     def add_repo(

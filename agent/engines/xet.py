@@ -13,6 +13,8 @@ GatedRepo) would be retried as transient (exit 7) instead of refused (exit 3).
 
 from __future__ import annotations
 
+import queue
+import re
 import threading
 from typing import Iterator
 
@@ -21,32 +23,62 @@ from ..errors import AgentError, AuthError, NotFound, Retryable
 from ..sources.base import RangeReader, RemoteFile
 
 
-class StallWatch:
-    """Cancels a stream that yields nothing for `timeout` seconds (hf_xet blocks inside Rust)."""
+class StreamStalled(Exception):
+    """No answer from hf_xet's stream for the stall timeout."""
 
-    def __init__(self, timeout: float, cancel):
-        self.timeout, self.cancel = timeout, cancel
-        self.fired = False
-        self._kick = threading.Event()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="xet-stall-watch", daemon=True)
-        self._thread.start()
+
+class StreamPuller:
+    """Takes the items of an hf_xet stream in a thread of its own, one when asked, so that the caller
+    can stop waiting after `timeout` seconds. hf_xet blocks inside Rust and cannot be interrupted
+    there (hf_xet 1.8.0, measured over the dev Hub's HTTP CAS): `stream.cancel()` from another thread
+    raises "RuntimeError: Already borrowed" while the stream is in `__next__`, and `group.abort()`
+    leaves an in-flight xorb fetch hanging until the server answers. An abandoned stream is dropped
+    when its fetch ends (hf_xet's read timeout at the latest). Asking for one item at a time keeps
+    what is held in memory what a plain `for chunk in stream` holds."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._asks: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._answers: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="xet-stream", daemon=True).start()
 
     def _run(self) -> None:
-        while not self._done.is_set():
-            if not self._kick.wait(self.timeout):
-                if not self._done.is_set():
-                    self.fired = True
-                    self.cancel()
+        stream = self._stream
+        self._stream = None
+        while self._asks.get():
+            try:
+                answer: tuple[str, object] = ("chunk", next(stream))
+            except StopIteration:
+                answer = ("end", None)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller's thread
+                answer = ("error", exc)
+            self._answers.put(answer)
+            if answer[0] != "chunk":
                 return
-            self._kick.clear()
 
-    def alive(self) -> None:
-        self._kick.set()
+    def next(self, timeout: float):
+        """The next item, None at the end; raises the stream's error, or StreamStalled."""
+        self._asks.put(True)
+        try:
+            kind, value = self._answers.get(timeout=timeout)
+        except queue.Empty:
+            raise StreamStalled from None
+        if kind == "error":
+            raise value  # type: ignore[misc]
+        return value
 
-    def stop(self) -> None:
-        self._done.set()
-        self._kick.set()
+    def abandon(self) -> None:
+        self._asks.put(False)  # the thread ends once its current call (if any) returns
+
+
+class TokenRefused(AuthError):
+    """The Xet CAS answered 401 to the Xet token. hf_xet reports it as a ConnectionError whose text
+    names the status, and does not ask the token route again (hf_xet 1.8.0)."""
+
+
+# hf_xet 1.8.0 raises the CAS's final HTTP answers as a ConnectionError whose text carries the status
+# and URL: "... HTTP status client error (401 Unauthorized), domain: http://cas/v2/reconstructions/..."
+_HTTP_STATUS = re.compile(r"\((\d{3})[^)]*\), domain: (\S+)")
 
 
 def map_xet_error(exc: Exception, what: str) -> Exception:
@@ -56,11 +88,24 @@ def map_xet_error(exc: Exception, what: str) -> Exception:
         return AuthError(f"{what}: Xet storage refused the token")
     if isinstance(exc, hf_xet.XetObjectNotFoundError):
         return NotFound(f"{what}: Xet storage has no such file")
-    return Retryable("xet", f"{what}: xet transfer failed ({type(exc).__name__})")
+    found = _HTTP_STATUS.search(str(exc))
+    status, url = (int(found.group(1)), found.group(2)) if found else (0, "")
+    if status == 401:
+        return TokenRefused(f"{what}: the Xet CAS refused the Xet token (401)")
+    if status == 403 and "/reconstructions/" in url:
+        return AuthError(f"{what}: the Xet CAS refused the Xet token access to this file (403)")
+    if status == 404 and "/reconstructions/" in url:
+        return NotFound(f"{what}: the Xet CAS has no such file (404)")
+    return Retryable("xet", f"{what}: xet transfer failed ({type(exc).__name__}{f' {status}' if status else ''})")
 
 
 class XetReader(RangeReader):
     name = "xet"
+    # Bumped each time the group is replaced (after an error, or for a fresh token): an error from an
+    # older group says nothing about the current one. Class defaults, shadowed per reader.
+    _generation = 0
+    _token_refreshed = False  # a 401 from the CAS gets one fresh token, once per reader
+    _ended_early_at = -1  # the generation whose stream last ended early without an error
 
     def __init__(self, source, commit: str):
         self.source = source
@@ -69,6 +114,51 @@ class XetReader(RangeReader):
         self._group = None
         self._refused: AgentError | None = None  # the token route's final answer: not asked again
         self._lock = threading.Lock()
+        # Xet files streamed at once: each holds a ~64 MiB term while it lands (memory.py sizes it)
+        self._streams = threading.BoundedSemaphore(self.settings.workers)
+        self._sized = None  # hf_xet's config, sized once: a replaced group (fresh token) reuses it
+
+    def sized_config(self, hf_xet):
+        """hf_xet's config with its buffers and connections bounded to the pod's memory (agent/memory.py),
+        said once in a `memory` log line: a warning when HF_XET_HIGH_PERFORMANCE does not fit."""
+        from .. import memory
+
+        if self._sized is not None:
+            return self._sized
+        config = hf_xet.XetConfig().with_config("telemetry.enabled", False)
+        # hf_xet's own read timeout is 300 s: a stalled xorb fetch would keep its connection and buffer
+        # that long after our watchdog gave up on its stream. With --stall-timeout it recovers inside
+        # hf_xet (measured: 4.4 s instead of 30 s for a stalled body at --stall-timeout 3).
+        config = config.with_config("client.read_timeout", f"{max(1, int(self.settings.stall_timeout))}s")
+        limit = memory.detect(self.settings.memory_limit, self.settings.memory_limit_from)
+        plan = memory.plan_xet(limit.bytes, {key: int(config.get(key)) for key in memory.KEYS},
+                               workers=self.settings.workers, high_performance=self.settings.xet_high_performance,
+                               operator_set=self.settings.xet_env)
+        for key, value in plan.overrides.items():
+            config = config.with_config(key, value)
+        self._streams = threading.BoundedSemaphore(plan.streams)
+        self._say_plan(limit, plan)
+        self._sized = config
+        return config
+
+    def _say_plan(self, limit, plan) -> None:
+        """The `memory` line: the limit, where it came from, and what hf_xet was given."""
+        from ..memory import MAX_CONNECTIONS, MiB
+
+        logger = getattr(self.source, "logger", None)
+        if logger is None:
+            return
+        mib = {k.rpartition(".")[2]: v // MiB for k, v in plan.settings.items() if "buffer" in k}
+        fields = dict(limit_bytes=limit.bytes, limit_from=limit.source, bounded=plan.bounded,
+                      planned_peak_bytes=plan.planned, xet_streams=plan.streams,
+                      xet_connections=plan.settings[MAX_CONNECTIONS], **{f"xet_{k}_mib": v for k, v in mib.items()})
+        if plan.warning:
+            logger.warn("memory", f"{plan.warning} (limit from {limit.source})", **fields)
+            return
+        text = (f"memory limit {limit.bytes / MiB:.0f} MiB ({limit.source}): Xet with {plan.settings[MAX_CONNECTIONS]} "
+                f"connections, {plan.streams} streams, a {mib['download_buffer_limit']} MiB buffer"
+                f"{' (bounded)' if plan.bounded else ''}")
+        logger.info("memory", text if logger.fmt != "json" else "", **fields)
 
     def range_size(self, default: int) -> int:
         # One ordered stream per file: hf_xet already fetches a file's terms in parallel, and
@@ -119,7 +209,7 @@ class XetReader(RangeReader):
                 except AgentError as exc:
                     self._refused = exc  # every worker gets the same answer, with one request
                     raise
-                config = hf_xet.XetConfig().with_config("telemetry.enabled", False)
+                config = self.sized_config(hf_xet)
                 # Only the Hub's token route sees the Hub token; CAS requests carry the short-lived
                 # Xet token that this route hands out (hf_xet refreshes it there before it expires).
                 try:
@@ -133,27 +223,74 @@ class XetReader(RangeReader):
             return self._group
 
     def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
+        self.group()  # sizes the stream slots on first use; raises the agent's own errors
+        with self._streams:  # at most plan.streams terms held at once (agent/memory.py)
+            yield from self._stream_range(file, start, end)
+
+    def _stream_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
         import hf_xet
 
         what = self.what(file)
         group = self.group()  # raises the agent's own errors: not hf_xet's to map
+        with self._lock:
+            generation = self._generation if self._group is group else -1
         try:
             stream = group.download_stream(hf_xet.XetFileInfo(file.xet_hash, file.size), start=start, end=end)
         except Exception as exc:  # noqa: BLE001 - mapped to a meaning
-            raise map_xet_error(exc, what) from None
-        watch = StallWatch(self.settings.stall_timeout, stream.cancel)
+            raise self._failed(exc, what, generation) from None
+        puller, got = StreamPuller(stream), 0
         try:
-            for chunk in stream:
-                watch.alive()
+            while True:
+                try:
+                    chunk = puller.next(self.settings.stall_timeout)
+                except StreamStalled:
+                    raise Retryable("stall", f"{what}: no byte received for the stall timeout") from None
+                except Exception as exc:  # noqa: BLE001 - mapped to a meaning
+                    raise self._failed(exc, what, generation) from None
+                if chunk is None:
+                    break
+                got += len(chunk)
                 yield chunk
-        except Exception as exc:  # noqa: BLE001
-            if watch.fired:
-                raise Retryable("stall", f"{what}: no byte received for the stall timeout") from None
-            raise map_xet_error(exc, what) from None
         finally:
-            watch.stop()
-        if watch.fired:
-            raise Retryable("stall", f"{what}: no byte received for the stall timeout")
+            puller.abandon()
+        if got < end - start:
+            raise self._ended_early(what, start + got, end, generation)
+
+    def _failed(self, exc: Exception, what: str, generation: int) -> Exception:
+        """The agent's error for an hf_xet failure: a first 401 from the CAS gets a fresh token (a new
+        group) and one more try, a second one is final (exit 3). Other failures keep the group: hf_xet
+        retries inside it, and replacing it would ask the token route again."""
+        error = map_xet_error(exc, what)
+        if isinstance(error, TokenRefused):
+            with self._lock:
+                if generation != self._generation:
+                    return Retryable("xet", f"{error}; a fresh token is already in use")
+                if self._token_refreshed:
+                    self._refused = AuthError(f"{error}, and again with a fresh token")
+                    return self._refused
+                self._token_refreshed = True
+            self._replace_group(generation)
+            return Retryable("xet", f"{error}; trying once more with a fresh token")
+        return error
+
+    def _ended_early(self, what: str, at: int, end: int, generation: int) -> Exception:
+        """hf_xet 1.8.0 ends a group's later streams early, without an error, once the group has failed.
+        The failure itself reaches another worker, which decides (a 401 may be final): only a second
+        early end on the same group replaces it here."""
+        with self._lock:
+            if self._refused is not None:
+                return self._refused
+            again, self._ended_early_at = self._ended_early_at == generation, generation
+        if again:
+            self._replace_group(generation)
+        return Retryable("xet", f"{what}: hf_xet's stream ended at byte {at} of {end} without an error")
+
+    def _replace_group(self, generation: int) -> None:
+        """Next streams use a new group, with a fresh token from the Hub (group() makes it)."""
+        with self._lock:
+            if generation == self._generation:
+                self._group = None
+                self._generation += 1
 
     def close(self) -> None:
         with self._lock:

@@ -76,6 +76,7 @@ def hub_error(exc: Exception, what: str) -> Exception:
 @register
 class HubSource(Source):
     schemes = ("hf",)
+    logger = None  # set by the pull (pipeline.py): the engines' one-time lines (xet's `memory`)
 
     @staticmethod
     def parse(text: str) -> SourceRef:
