@@ -7,7 +7,6 @@ metrics are the pull's; the upload adds model_agent_bytes_uploaded_total and the
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 
@@ -26,9 +25,7 @@ from .sources.base import parse_source
 def run_push(args, settings: Settings, logger: Logger) -> int:
     if settings.local_dir is not None:
         raise InvalidInput("push: the staging area is a Hugging Face cache (--cache-dir); --local-dir does not apply")
-    ref = parse_source(args.source)
-    if settings.repo_id and ref.scheme != "hf":  # a bucket staged under --repo-id is known by that name
-        ref = dataclasses.replace(ref, repo_id=settings.repo_id)
+    ref = parse_source(args.source).known_as(settings.repo_id)
     dest_ref = parse_destination(args.dest)
     if dest_ref.display() == ref.display():
         raise InvalidInput(f"push: SOURCE and DEST are the same place ({ref.display()})")

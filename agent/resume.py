@@ -143,7 +143,7 @@ def copy_range(src: int, dst: int, pos: int, count: int) -> int:
     done = 0
     try:
         while done < count:
-            n = _copy_some(src, dst, pos + done, min(count - done, COPY_PIECE))
+            n = copy_some(src, dst, pos + done, min(count - done, COPY_PIECE))
             if n == 0:
                 break
             done += n
@@ -154,7 +154,8 @@ def copy_range(src: int, dst: int, pos: int, count: int) -> int:
     return done
 
 
-def _copy_some(src: int, dst: int, pos: int, count: int) -> int:
+def copy_some(src: int, dst: int, pos: int, count: int) -> int:
+    """Copy up to `count` bytes at `pos` from one fd to the other in the kernel; how many were copied."""
     try:
         return os.copy_file_range(src, dst, count, pos, pos)
     except OSError as exc:

@@ -17,6 +17,7 @@ from .. import checksums
 from ..errors import AuthError, InvalidInput, from_oserror
 from ..layout import atomic_write, fsync_dir, promote, temp_name
 from ..published import RECORDS
+from ..resume import copy_some
 from ..sources.base import SourceRef
 from ..sources.local import LocalSource
 from .base import Destination, Stored, Upload, register
@@ -107,7 +108,7 @@ class LocalDestination(Destination):
             with open(item.local, "rb") as src, open(tmp, "wb") as dst:
                 pos = 0
                 while pos < item.size:
-                    n = _copy(src.fileno(), dst.fileno(), pos, min(PIECE, item.size - pos))
+                    n = copy_some(src.fileno(), dst.fileno(), pos, min(PIECE, item.size - pos))
                     if n == 0:
                         raise InvalidInput(f"{item.local}: shorter than its locked size {item.size}")
                     pos += n
@@ -123,12 +124,3 @@ class LocalDestination(Destination):
             return AuthError(f"{what}: permission denied")
         return from_oserror(exc, what)
 
-
-def _copy(src: int, dst: int, pos: int, count: int) -> int:
-    try:
-        return os.copy_file_range(src, dst, count, pos, pos)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    os.lseek(dst, pos, os.SEEK_SET)
-    return os.sendfile(dst, src, pos, count)
