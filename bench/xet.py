@@ -1,0 +1,179 @@
+"""Xet benchmark over the dev Hub's HTTP CAS: model-agent vs `hf download` (hf_xet's own), and resume.
+
+    python bench/xet.py [--size-gib 1] [--shards 3] [--small-files 40] [--runs 3] [--skip-resume] [--cas http]
+
+Serves a generated model (shards in Xet, small files plain) from devhub with its Xet CAS over HTTP
+(HubServer(xet="http"), as the Hub's CAS is served), then pulls it with `model-agent --engine auto`,
+`--engine xet`, `hf download` and `hf download` with HF_XET_HIGH_PERFORMANCE=1: wall time and peak
+RSS, medians of --runs, every result's sha256 checked (bench/measure.py, bench/suite.py). The resume
+part SIGKILLs a model-agent pull once its partial files hold half the model, re-runs it, and reports
+the xorb bytes the CAS sent for both runs as a ratio of the model's bytes (the issue's goal: <= 1.15x).
+Prints a Markdown section; bench/results.md carries the copy that was measured last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scenarios import Case, agent_case, hf_case
+from suite import base_env, run_suite
+from verify import check_tree, expected_hashes
+
+from agent.devhub import HubServer, make_model
+
+MIB, GIB = 2**20, 2**30
+REPO = "bench/xet-model"
+XORB_PATHS = "/xorbs/*"  # what the HTTP CAS counts as xorb bytes (devhub stats, by request path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size-gib", type=float, default=1.0, help="model size, in --shards equal shards (default 1)")
+    p.add_argument("--shards", type=int, default=3)
+    p.add_argument("--small-files", type=int, default=40)
+    p.add_argument("--runs", type=int, default=3, help="runs per tool; medians are reported (default 3)")
+    p.add_argument("--cas", choices=("http", "local"), default="http", help="how the CAS is served (default http)")
+    p.add_argument("--cases", default="auto,xet,hf,hf-hp", help="comma-separated subset of auto,xet,hf,hf-hp")
+    p.add_argument("--skip-resume", action="store_true")
+    p.add_argument("--kill-at", type=float, default=0.5, help="fraction of the model on disk at the SIGKILL")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/model-agent-bench-xet"))
+    p.add_argument("--keep", action="store_true", help="keep the model and the CAS for a faster next run")
+    p.add_argument("--agent-env", action="append", default=[], metavar="K=V",
+                   help="extra environment for model-agent runs (to try hf_xet settings)")
+    p.add_argument("--timeout", type=float, default=600)
+    return p.parse_args(argv)
+
+
+def with_env(case: Case, key: str, label: str, **env: str) -> Case:
+    """The same command under extra environment variables (`env` execs it: same pid, same rusage)."""
+    prefix = ["env", *(f"{k}={v}" for k, v in env.items())]
+    return Case(key, label, lambda dest: prefix + case.argv(dest), case.files_root, case.is_agent)
+
+
+def cases(names: list[str], commit: str, agent_env: dict[str, str]) -> list[Case]:
+    hf = hf_case(REPO, commit)
+    auto, xet = agent_case("auto", REPO, commit), agent_case("xet", REPO, commit)
+    if agent_env:
+        auto, xet = (with_env(c, c.key, f"{c.label} ({' '.join(agent_env)})", **agent_env) for c in (auto, xet))
+    known = {"auto": auto, "xet": xet,
+             "hf": Case("hf", "hf download (hf_xet)", hf.argv, hf.files_root),
+             "hf-hp": with_env(hf, "hf-hp", "hf download, HF_XET_HIGH_PERFORMANCE=1", HF_XET_HIGH_PERFORMANCE="1")}
+    return [known[n] for n in names]
+
+
+def medians(records: list[dict]) -> dict:
+    ok = [r for r in records if not r["problems"]]
+    return {"label": records[0]["label"], "verified": f"{len(ok)}/{len(records)}",
+            "wall_s": statistics.median(r["wall_s"] for r in ok) if ok else float("nan"),
+            "walls": [r["wall_s"] for r in records], "rss_mib": statistics.median(r["maxrss_mib"] for r in records),
+            "rss_runs": [r["maxrss_mib"] for r in records]}
+
+
+def table(results: dict[str, list]) -> str:
+    rows = {k: medians(v) for k, v in results.items()}
+    hf = rows.get("hf")
+    lines = ["| run | wall s, median (all runs) | vs hf download | peak RSS MiB, median (all runs) | sha256 ok |",
+             "|---|---:|---:|---:|---:|"]
+    for s in rows.values():
+        ratio = f"{s['wall_s'] / hf['wall_s']:.2f}x" if hf else "-"
+        lines.append(f"| {s['label']} | {s['wall_s']:.2f} ({', '.join(f'{w:.2f}' for w in s['walls'])}) | {ratio} "
+                     f"| {s['rss_mib']:.0f} ({', '.join(f'{v:.0f}' for v in s['rss_runs'])}) | {s['verified']} |")
+    return "\n".join(lines)
+
+
+def partial_bytes(cache: Path) -> int:
+    total = 0
+    for path in cache.rglob("*.incomplete"):
+        try:
+            total += path.stat().st_size
+        except OSError:  # renamed into place meanwhile
+            pass
+    return total
+
+
+def kill_when(cmd: list[str], env: dict, cache: Path, at_bytes: int, timeout: float) -> int:
+    """Runs cmd and SIGKILLs it once its partial files hold at_bytes; returns what they held then."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, held = time.monotonic() + timeout, 0
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            held = partial_bytes(cache)
+            if held >= at_bytes:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return held
+
+
+def resume(hub, commit: str, expected: dict, work: Path, kill_at: float, timeout: float,
+           agent_env: dict[str, str]) -> dict:
+    """Xorb bytes sent for a pull SIGKILLed at kill_at of the model, plus its re-run, over the model's bytes."""
+    nbytes = sum(size for size, _ in expected.values())
+    run_dir = work / "runs" / "resume"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cache = run_dir / "out"
+    env = dict(base_env(hub.url), HF_HOME=str(run_dir / "hf_home"), **agent_env)
+    # a 2 s lease: the re-run takes the dead writer's lease over without waiting the default 60 s
+    cmd = agent_case("auto", REPO, commit).argv(cache) + ["--lease-ttl", "2s"]
+    hub.stats.reset()
+    held = kill_when(cmd, env, cache, int(nbytes * kill_at), timeout)
+    first = hub.stats.bytes_sent(XORB_PATHS)
+    hub.stats.reset()
+    rc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout,
+                        check=False).returncode
+    second = hub.stats.bytes_sent(XORB_PATHS)
+    problems = check_tree(agent_case("auto", REPO, commit).files_root(cache), expected) if rc == 0 else [f"exit {rc}"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"held_at_kill": held, "first": first, "second": second, "ratio": (first + second) / nbytes,
+            "problems": problems, "model_bytes": nbytes}
+
+
+def resume_text(r: dict) -> str:
+    return (f"SIGKILL once the partial files held {r['held_at_kill'] / MIB:.0f} MiB of "
+            f"{r['model_bytes'] / MIB:.0f} MiB, then a re-run: the CAS sent {r['first'] / MIB:.0f} MiB of xorbs "
+            f"before the kill and {r['second'] / MIB:.0f} MiB after, {r['ratio']:.2f}x the model's bytes "
+            f"(re-run verified: {'yes' if not r['problems'] else '; '.join(r['problems'][:2])}).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.work_dir.resolve()
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        shard = int(args.size_gib * GIB / args.shards)
+        files = make_model(work / "src", large_files=args.shards, large_size=shard, small_files=args.small_files)
+        expected = expected_hashes(files)
+        agent_env = dict(kv.split("=", 1) for kv in args.agent_env)
+        with HubServer(work / "hub", xet=args.cas) as hub:
+            commit = hub.add_repo(REPO, files)
+            served = "over HTTP" if args.cas == "http" else "as local://"
+            out = [(f"Model: {args.shards} x {shard / MIB:.0f} MiB shards + {args.small_files} small files, "
+                    f"Xet CAS served {served}, medians of {args.runs}."), ""]
+            if args.cases:
+                chosen = cases(args.cases.split(","), commit, agent_env)
+                results = run_suite(chosen, hub, expected, work, args.runs, args.timeout)
+                out.append(table(results))
+            if not args.skip_resume:
+                out += ["", resume_text(resume(hub, commit, expected, work, args.kill_at, args.timeout, agent_env))]
+        print("\n" + "\n".join(out))
+    finally:
+        if not args.keep:  # a few GB: never left behind unless asked
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
