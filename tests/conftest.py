@@ -98,6 +98,21 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def log_events(stderr: str, name: str | None = None) -> list[dict]:
+    """The agent's JSON log lines (`--log-format json`), those of one event when `name` is given."""
+    import json
+
+    found = []
+    for line in stderr.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and name in (None, rec.get("event")):
+            found.append(rec)
+    return found
+
+
 def agent_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "agent", *args]
 

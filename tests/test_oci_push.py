@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, agent_cmd, clean_env, load_offline, run_agent
+from conftest import ROOT, agent_cmd, clean_env, load_offline, log_events, run_agent
 
 from tests.oci.artifacts import model_layout, skopeo_push, skopeo_raw
 from tests.oci.servers import PASSWORD, USER, sha256_digest
@@ -54,15 +54,7 @@ def push(hub, registry, staging: Path, dest: str, config: Path | None, *more: st
 
 
 def events(r: subprocess.CompletedProcess, name: str) -> list[dict]:
-    found = []
-    for line in r.stderr.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("event") == name:
-            found.append(rec)
-    return found
+    return log_events(r.stderr, name)
 
 
 def uploaded_bytes(prom: Path) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, agent_cmd, hub_env, load_offline, run_agent
+from conftest import ROOT, agent_cmd, hub_env, load_offline, log_events, run_agent
 
 REPO = "org/pushed"
 STRACE = shutil.which("strace")
@@ -30,15 +30,7 @@ def push(hub, cache: Path, dest: Path, *more: str, repo: str = REPO) -> subproce
 
 
 def events(r: subprocess.CompletedProcess, name: str) -> list[dict]:
-    found = []
-    for line in r.stderr.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("event") == name:
-            found.append(rec)
-    return found
+    return log_events(r.stderr, name)
 
 
 def lock_of(dest: Path) -> dict | None:

@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, agent_cmd, hub_env, run_agent
+from conftest import ROOT, agent_cmd, hub_env, log_events, run_agent
 
 from agent.devhub import make_model
 
@@ -55,15 +55,7 @@ def push(hub, srv, staging: Path, dest: str, *more: str, endpoint: str | None = 
 
 
 def events(stderr: str, name: str | None) -> list[dict]:
-    found = []
-    for line in stderr.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and name in (None, rec.get("event")):
-            found.append(rec)
-    return found
+    return log_events(stderr, name)
 
 
 def crc32_b64(data: bytes) -> str:
