@@ -62,6 +62,7 @@ class Publisher:
         source = getattr(dest, "source", None)  # a bucket destination retries through its source's policy
         if source is not None and hasattr(source, "on_retry"):
             source.on_retry = lambda reason, delay, exc: self.progress.retry(reason, delay, str(exc))
+        self._last = "the lockfile"  # what made the snapshot visible: a registry says its manifest instead
         self.started = time.monotonic()
 
     def what(self) -> str:
@@ -218,4 +219,4 @@ class Publisher:
         return PushResult(dest=self.dest.display(), commit=self.lock.commit, files=len(self.lock.files),
                           uploaded_files=files, uploaded_bytes=nbytes, skipped_files=len(self.lock.files) - files,
                           seconds=time.monotonic() - self.started, already_published=already,
-                          last=getattr(self, "_last", "the lockfile"))
+                          last=self._last)

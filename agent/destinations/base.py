@@ -107,14 +107,7 @@ def register(cls: type[Destination]) -> type[Destination]:
 
 def _load() -> None:
     # Imported for their `register` side effect; each imports its SDK lazily.
-    from . import local  # noqa: F401
-
-    for name in ("s3", "gcs", "azure", "oci"):
-        try:
-            __import__(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{name}":
-                raise
+    from . import azure, gcs, local, oci, s3  # noqa: F401
 
 
 def parse_destination(text: str) -> SourceRef:

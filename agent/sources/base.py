@@ -233,15 +233,7 @@ def _load_backends() -> None:
     except ImportError:
         pass
     # Object stores: their SDKs are optional extras, imported only when a pull needs them.
-    from . import azure, gcs, s3  # noqa: F401
-
-    import importlib
-
-    try:  # registries: agent/sources/oci.py
-        importlib.import_module(f"{__package__}.oci")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.oci":
-            raise
+    from . import azure, gcs, oci, s3  # noqa: F401
 
 
 def parse_source(text: str) -> SourceRef:
