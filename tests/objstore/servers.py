@@ -119,7 +119,11 @@ class SeaweedFS(S3Server):
         self._spawn([weed, "mini", "-dir=data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
                      f"-s3.config={cfg}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
                      f"-s3.port={s3}", f"-admin.port={admin}", "-admin.ui=false", "-webdav=false",
-                     "-s3.port.iceberg=0", "-s3.port.lance=0"], workdir)
+                     "-s3.port.iceberg=0", "-s3.port.lance=0",
+                     # Every bucket is a collection with volumes of its own. Left at 0, the volume cap is free
+                     # disk / 128 MB, so a machine with a few GB free ran out of volumes after ~80 buckets and
+                     # every later PUT was an InternalError. Volumes are sparse, so a fixed high cap costs nothing.
+                     "-volume.max=2000"], workdir)
         c = self.client()
         wait_until(lambda: c.list_buckets() is not None, 60, "weed mini", self.proc, self.log)
 
