@@ -2,9 +2,13 @@
 got, and its digests.
 
 A small sidecar JSON next to the partial file records how many bytes of each range have landed,
-so a pull killed with SIGKILL continues from the bytes on disk. The partial is fdatasynced before
-each record, so after a node crash the record is never ahead of the data; a record that claims more
-than the file holds anyway is cut back to it. Partial files are named after the file's content key
+so a pull killed with SIGKILL continues from the bytes on disk. It holds two counts per range:
+`written` (every pwrite that returned) with the kernel's boot id, and `done` (bytes fdatasynced
+before the record was written). A SIGKILL loses no written byte (the page cache keeps it), so a
+writer on the same boot trusts `written`; after a node crash (another boot id) only `done` is
+trusted, and a record never vouches for data the disk may have lost. A record that claims more than
+the file holds anyway is cut back to it. Records are cheap (no sync) and written often, so a kill
+costs the bytes of the last ~0.1 s; the fdatasync behind `done` runs once a second. Partial files are named after the file's content key
 (its etag) plus an owner tag: a changed remote file has another key and can never be resumed into,
 and two writers never share a temp file. A new writer resumes a dead one's partial by copying its
 landed bytes, never by taking the file: the old writer may only be paused, with the file still open.
@@ -28,7 +32,8 @@ from . import checksums, directio, resume
 from .errors import DiskFull
 from .sources.base import RemoteFile
 
-SIDECAR_FLUSH_SECONDS = 0.5
+RECORD_SECONDS = 0.1  # how often the resume record is rewritten (no sync: a rename of a small file)
+SYNC_SECONDS = 1.0  # how often the partial is fdatasynced, so that `done` survives a node crash
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,9 @@ class PartialFile:
         self.path = job.partial_dir / f"{job.file.etag}.ma-{os.getpid()}-{uuid.uuid4().hex[:8]}.incomplete"
         self.sidecar = self.path.with_name(self.path.name + ".json")
         self.damaged: str | None = None  # the file holds less than the record says (a crash, a lying disk)
-        # A file that lands within the first flush interval never needs a resume record.
-        self._last_flush = time.monotonic()
+        # A file that lands within the first record interval never needs a resume record.
+        self._last_record = self._last_sync = time.monotonic()
+        self.synced: list[int] = [0] * self.count  # what `done` held at the last fdatasync
         self.flushed = False
         self.resumed_bytes = 0
         self.digests: checksums.Digests | checksums.RangeDigests = checksums.Digests(job.file.size, job.file.checksums)
@@ -143,8 +149,9 @@ class PartialFile:
     def total_done(self) -> int:
         return sum(self.done)
 
-    def _state(self) -> dict:
-        return {"etag": self.file.etag, "size": self.file.size, "chunk": self.chunk, "done": self.done}
+    def _state(self, synced: list[int]) -> dict:
+        return {"etag": self.file.etag, "size": self.file.size, "chunk": self.chunk, "done": synced,
+                "written": list(self.done), "boot": resume.BOOT_ID}
 
     def _adopt(self, candidates: list[Path] | None) -> None:
         """Continue the most complete partial an earlier writer left for this same content (see
@@ -163,11 +170,14 @@ class PartialFile:
         with self.lock:
             self.done[idx] += n
             now = time.monotonic()
-            due = now - self._last_flush >= SIDECAR_FLUSH_SECONDS
+            due = now - self._last_record >= RECORD_SECONDS
+            sync = due and now - self._last_sync >= SYNC_SECONDS
             if due:
-                self._last_flush = now
+                self._last_record = now
+            if sync:
+                self._last_sync = now
         if due:
-            self._flush(blocking=False)  # a flush already running covers these bytes next time
+            self._flush(blocking=False, sync=sync)  # a flush already running covers these bytes next time
 
     def _hashable_end(self) -> int:
         """End of the contiguous run of landed bytes that starts at byte 0."""
@@ -267,7 +277,7 @@ class PartialFile:
             self._hash_lock.release()
 
     def flush(self) -> None:
-        self._flush(blocking=True)
+        self._flush(blocking=True, sync=True)
 
     def flush_quietly(self) -> None:
         """After a failure: keep the resume record exact for the next run, if the disk lets us."""
@@ -276,19 +286,23 @@ class PartialFile:
         except OSError:
             pass
 
-    def _flush(self, blocking: bool) -> None:
-        """Write the resume record after the bytes it describes reach the disk (fdatasync), outside
-        the counters' lock so workers keep writing meanwhile. A node crash (NFS, a power cut) then
-        never leaves a record ahead of the data; the record itself needs no fsync: an old or missing
-        one only costs bytes fetched again."""
+    def _flush(self, blocking: bool, sync: bool) -> None:
+        """Write the resume record, outside the counters' lock so workers keep writing meanwhile. With
+        `sync`, `done` moves up to what was written before an fdatasync: a node crash (NFS, a power
+        cut) then never leaves `done` ahead of the data. The record itself needs no fsync: an old or
+        missing one only costs bytes fetched again."""
         if not self._flush_lock.acquire(blocking=blocking):
             return
         try:
             if self.closed:
                 return  # its record was written before it closed (or it is gone: verified or discarded)
+            if sync:
+                with self.lock:
+                    written = list(self.done)
+                os.fdatasync(self.fd)
+                self.synced = written
             with self.lock:
-                state = json.dumps(self._state())
-            os.fdatasync(self.fd)
+                state = json.dumps(self._state(self.synced))
             tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
             tmp.write_text(state)
             os.replace(tmp, self.sidecar)
@@ -301,6 +315,7 @@ class PartialFile:
         with self._hash_lock, self.lock:  # the order every holder of both takes them in
             lost = sum(self.done)
             self.done = [0] * self.count
+            self.synced = [0] * self.count
             self.digests = checksums.Digests(self.file.size, self.file.checksums)
             self._settled = False
             self.damaged = None

@@ -40,6 +40,25 @@ def _claim_own(path: Path) -> bool:
         return ours
 
 
+def _boot_id() -> str:
+    """This kernel's boot: the same in every container of a node, new after a node crash or reboot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""  # no /proc: only fdatasynced bytes are trusted
+
+
+BOOT_ID = _boot_id()
+
+
+def trusted(state: dict) -> list[int]:
+    """The landed bytes a record vouches for: every written byte if it was made on this boot (a killed
+    writer's pwrites sit in the page cache), else only the fdatasynced ones (partial.py)."""
+    if BOOT_ID and state.get("boot") == BOOT_ID and "written" in state:
+        return [int(d) for d in state["written"]]
+    return [int(d) for d in state["done"]]
+
+
 @dataclass(frozen=True)
 class Grid:
     """How one file is cut into ranges."""
@@ -90,7 +109,7 @@ def ranked(candidates: list[Path], etag: str, grid: Grid) -> list[tuple[list[int
         if (state.get("etag"), state.get("size")) != (etag, grid.size):
             continue
         try:
-            done = regrid(grid, int(state["chunk"]), [int(d) for d in state["done"]])
+            done = regrid(grid, int(state["chunk"]), trusted(state))
         except (KeyError, TypeError, ValueError):
             continue
         found.append((done, candidate))

@@ -202,6 +202,42 @@ def test_enospc_during_the_transfer_is_exit_6_and_no_marker(hub, tmp_path, tiny_
 
 
 @pytest.mark.parametrize("engine", ["xet", "http"])
+@pytest.mark.parametrize("boot", ["this boot", "another boot"])
+def test_written_bytes_are_trusted_only_on_the_boot_that_wrote_them(xet_hub, demo_files, tmp_path, engine, boot):
+    """A record's `written` counts bytes a killed writer left in the page cache: trusted on the same
+    boot, where no byte of them can be lost; after a node crash (another boot id) only the fdatasynced
+    `done` is. The partial holds the whole file, right in its first half and zeros in its second:
+    trusting `written` from another boot would promote zeros (an `integrity` retry), trusting only
+    `done` on this boot would fetch the second half again."""
+    import hashlib
+
+    from agent.resume import BOOT_ID
+
+    cache = tmp_path / "cache"
+    data = demo_files["model.safetensors"].read_bytes()
+    sha, half = hashlib.sha256(data).hexdigest(), len(data) // 2
+    blobs = cache / "models--org--xet-model" / "blobs"
+    blobs.mkdir(parents=True)
+    partial = blobs / f"{sha}.ma-1-deadbeef.incomplete"
+    partial.write_bytes(data if boot == "this boot" else data[:half] + bytes(len(data) - half))
+    record = {"etag": sha, "size": len(data), "chunk": 64 * 2**20, "done": [half], "written": [len(data)],
+              "boot": BOOT_ID if boot == "this boot" else "another-boot"}
+    (blobs / (partial.name + ".json")).write_text(json.dumps(record))
+    xet_hub.stats.reset()
+    r = run_agent(*pull_args(xet_hub, "org/xet-model", cache, "--engine", engine), env=hub_env(xet_hub))
+    assert r.returncode == 0, r.stderr
+    assert [e for e in json_lines(r.stderr) if e["event"] == "retry"] == []
+    assert hashlib.sha256((blobs / sha).read_bytes()).hexdigest() == sha
+    # the CAS's xorb bytes also carry tokenizer.json (22 KiB, Xet-stored in the demo model)
+    sent = xet_hub.stats.bytes_sent("/xorbs/*") + xet_hub.stats.bytes_sent("*model.safetensors")
+    if boot == "this boot":
+        assert sent < 64 * 1024, f"{sent} bytes fetched for a file whose bytes were all written on this boot"
+    else:
+        # the second half again (xorb bytes are compressed: fewer than the half's bytes)
+        assert sent > 64 * 1024, f"only {sent} bytes fetched: the unsynced half was trusted"
+
+
+@pytest.mark.parametrize("engine", ["xet", "http"])
 def test_a_partial_left_by_a_dead_writer_is_resumed_not_refetched(xet_hub, demo_files, tmp_path, engine):
     """Deterministic resume check for every ranged engine: a partial whose record says the first half
     landed is continued from the middle. Its first half is deliberately wrong, so the only way the

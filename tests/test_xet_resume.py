@@ -4,9 +4,9 @@ then run again; the xorb bytes the CAS sent, for both runs, are compared with th
 
 Two losses add up. hf_xet's prefetch: before the resume bound, one ordered stream per file had fetched
 the whole model by the time half of it was on disk (1.63x after the re-run, 1 GiB model). And the
-resume record's lag (agent/partial.py): a record only vouches for bytes fdatasync'd, so the bytes
-still in the page cache at the kill are fetched again; that lag is the disk's, the same for every
-engine, and is measured here (from the records) and accounted for, not bounded.
+resume record's lag: a record that only vouched for fdatasynced bytes was 110-210 MiB behind at the
+kill (1.22x). Records now vouch for every written byte on the same boot (agent/partial.py), so the
+whole bill is bounded.
 
 The model is 3 incompressible shards of 256 MiB: big enough for the prefetch to show against the
 stream slots' bound (workers x range size), small enough to run in about 20 s on 2 shared cores.
@@ -25,6 +25,7 @@ from conftest import ROOT, agent_cmd, hub_env, pull_args, run_agent
 from test_pull import assert_snapshot
 
 from agent.devhub import HubServer, make_model
+from agent.resume import trusted
 
 REPO = "org/xet-resume"
 MiB = 2**20
@@ -56,7 +57,7 @@ def recorded_bytes(cache: Path) -> int:
     """What the resume records (agent/partial.py's sidecars) vouch for: the bytes a re-run adopts."""
     total = 0
     for record in cache.rglob("*.incomplete.json"):
-        total += sum(json.loads(record.read_text())["done"])
+        total += sum(trusted(json.loads(record.read_text())))
     return total
 
 
@@ -80,7 +81,7 @@ def pull_killed_at(hub, cache: Path, at_bytes: int) -> int:
     return held
 
 
-def test_a_pull_killed_half_way_loses_little_more_than_its_unsynced_bytes(resume_hub, tmp_path):
+def test_a_pull_killed_half_way_then_run_again_fetches_at_most_1_15x_the_model(resume_hub, tmp_path):
     hub, cache, size = resume_hub, tmp_path / "cache", resume_hub.model_bytes
     hub.stats.reset()
     held = pull_killed_at(hub, cache, size // 2)
@@ -94,5 +95,4 @@ def test_a_pull_killed_half_way_loses_little_more_than_its_unsynced_bytes(resume
             f"sent {first / MiB:.0f} MiB before the kill, {second / MiB:.0f} MiB after, {(first + second) / size:.2f}x")
     # fetched but not on disk at the kill: hf_xet's prefetch, lost with the process
     assert first - held <= (BOUND - 1) * size, said
-    # the whole bill, less the record's lag (bytes in the page cache, not yet vouched for)
-    assert first + second - (held - recorded) <= BOUND * size, said
+    assert first + second <= BOUND * size, said
