@@ -10,10 +10,11 @@ HF_XET_HIGH_PERFORMANCE=1 was killed within 2 s of a 1 GiB pull):
 
     per connection      one decompressed xorb, up to 64 MiB; 64 connections by default, 124 with
                         HF_XET_HIGH_PERFORMANCE (HF_XET_CLIENT_AC_MAX_DOWNLOAD_CONCURRENCY)
-    per stream          the term a worker holds while it writes it: ~64 MiB (measured 67 MB items)
+    per stream          the range a worker holds while it writes it, and the next one being decoded:
+                        2 x 8 MiB (engines/xet.py; items measured at 8 MiB)
     the process         the interpreter, its libraries and hf_xet's runtime: BASE
 
-So the plan for a pull is `BASE + buffer limit + connections x 64 MiB + streams x 64 MiB`, and it
+So the plan for a pull is `BASE + buffer limit + connections x 64 MiB + streams x 16 MiB`, and it
 must fit SHARE of the limit (the rest is slack for the allocator and the page cache of the writes,
 which a memory cgroup charges too). When hf_xet's own settings fit, they are kept, the
 high-performance preset included. When they do not, `plan_xet` bounds them; the budget is
@@ -21,16 +22,16 @@ high-performance preset included. When they do not, `plan_xet` bounds them; the 
 buffer (never below what one term needs):
 
     limit      budget    streams  connections  buffer limit / size / per file   planned peak
-    256 MiB    96 MiB    1        1            128 / 32 / 8 MiB                  352 MiB (warned)
-    512 MiB    288 MiB   1        2            128 / 64 / 8 MiB                  416 MiB
-    1 GiB      672 MiB   2        5            224 / 112 / 14 MiB                768 MiB
-    2 GiB      1440 MiB  5        11           416 / 208 / 26 MiB                1536 MiB
-    4 GiB      2976 MiB  8        23           992 / 496 / 62 MiB                3072 MiB
-    8 GiB      6048 MiB  8        47           2528 / 1024 / 158 MiB             6144 MiB
+    256 MiB    96 MiB    1        1            128 / 32 / 8 MiB                  304 MiB (warned)
+    512 MiB    288 MiB   4        2            128 / 64 / 8 MiB                  416 MiB
+    1 GiB      672 MiB   10       5            192 / 96 / 12 MiB                 768 MiB
+    2 GiB      1440 MiB  16       11           480 / 240 / 30 MiB                1536 MiB
+    4 GiB      2976 MiB  16       23           1248 / 512 / 78 MiB               3072 MiB
+    8 GiB      6048 MiB  16       47           2784 / 1024 / 174 MiB             6144 MiB
 
 These are the rows with HF_XET_HIGH_PERFORMANCE=1 (124 connections, a buffer of half the memory),
-with 8 workers. Its preset fits from a limit of about 34 GiB; hf_xet's standard settings (64
-connections, a quarter of the memory) from about 10 GiB. A floor can put the plan past SHARE, never
+with 8 workers (16 Xet streams). Its preset fits from a limit of about 34 GiB; hf_xet's standard
+settings (64 connections, a quarter of the memory) from about 10 GiB. A floor can put the plan past SHARE, never
 past the limit but at 256 MiB, which is said in the warning.
 An HF_XET_* variable the operator set is theirs: it is never overridden, only counted.
 """
@@ -44,7 +45,7 @@ from pathlib import Path
 
 MiB = 2**20
 XORB = 64 * MiB  # one decompressed xorb per connection, outside hf_xet's buffer
-TERM = 64 * MiB  # one download_stream item, held by a worker while it lands
+TERM = 16 * MiB  # one Xet range (8 MiB, engines/xet.py) held by a worker while it lands, and the next being decoded
 BASE = 96 * MiB  # interpreter + libraries + hf_xet runtime (37 MiB idle, measured; threads and sockets on top)
 SHARE = 0.75  # of the limit the plan may use
 MIN_BUFFER = 128 * MiB  # hf_xet's buffer: room for one whole term and then some

@@ -1,6 +1,6 @@
 """Fetch files into per-process temp files next to their destination: resume, retry, verify, promote.
 
-A large file is cut into ranges fetched in parallel by a shared pool of workers, each writing
+A large file is cut into ranges fetched in parallel by a pool of workers per reader, each writing
 with `pwrite` at its offset into the file's PartialFile (agent/partial.py: the temp file, its
 resume record and its digests).
 """
@@ -64,9 +64,9 @@ class Transfer:
         self._leftovers: dict[tuple[Path, str], list[Path]] = {}
         self._error_lock = threading.Lock()
         self._dir_lock = threading.Lock()
-        self._ranges_in_order = False
         self._streaming: set[Path] = set()  # partials being fetched as one stream (see _stream_whole)
         self._opened: list[PartialFile] = []  # closed when the run ends, however it ends
+        self._in_order: dict[int, bool] = {}  # by reader: are its large files' ranges taken in file order?
 
     def _fail(self, exc: BaseException) -> None:
         with self._error_lock:
@@ -84,22 +84,13 @@ class Transfer:
     def run(self, jobs: list[FileJob]) -> None:
         if not jobs:
             return
-        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="transfer")
+        pools: dict[int, ThreadPoolExecutor] = {}
         try:
             for folder in {job.partial_dir for job in jobs}:
                 folder.mkdir(parents=True, exist_ok=True)
             self._leftovers = leftover_partials({job.partial_dir for job in jobs})
-            # Biggest first: the long poles start early, small files fill the gaps. The ranges of the
-            # large files are dealt out in turns (file A range 0, file B range 0, ... A 1, B 1), so
-            # the workers write to several files at once instead of queueing on one file's inode lock.
-            large = sum(1 for job in jobs if job.file.size > self.reader.for_file(job.file).range_size(self.chunk_size))
-            # With at least as many large files as workers, a file's next range is dealt out `large`
-            # tasks after its previous one, so it starts after that one landed: hashed in file order
-            # from memory, with nothing to read back.
-            self._ranges_in_order = large >= self.workers
-            per_file = [self._tasks(job) for job in sorted(jobs, key=lambda j: -j.file.size)]
-            ordered = interleave([t for t in per_file if len(t) > 1]) + [w for t in per_file if len(t) == 1 for w in t]
-            futures = [pool.submit(self._guarded, pf, work) for pf, work in ordered]
+            futures = [pools[key].submit(self._guarded, pf, work)
+                       for key, tasks in self._queues(jobs, pools).items() for pf, work in tasks]
             wait(futures, return_when=FIRST_EXCEPTION)
             if self.stop.is_set():
                 wait(futures)  # let the others notice and stop, so the first real error is known
@@ -111,8 +102,34 @@ class Transfer:
                 fsync_dir(folder)  # before the caller writes a lockfile or marker that vouches for them
         finally:
             self.stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+            for pool in pools.values():
+                pool.shutdown(wait=True, cancel_futures=True)
             self._close_leftovers()
+
+    def _queues(self, jobs: list[FileJob], pools: dict[int, ThreadPoolExecutor]) -> dict[int, list]:
+        """Each reader's tasks in the order its own pool takes them; fills `pools`, one per reader, of
+        its streams() threads. With one pool for all, the 40 small files of a 1 GiB Xet model waited
+        behind every Xet range and ran last, alone: 0.26 s of a 2.4 s pull (HTTP CAS, 2 cores)."""
+        by_reader: dict[int, tuple[RangeReader, list[FileJob]]] = {}
+        for job in sorted(jobs, key=lambda j: -j.file.size):
+            reader = self.reader.for_file(job.file)
+            by_reader.setdefault(id(reader), (reader, []))[1].append(job)
+        queues = {}
+        for key, (reader, mine) in by_reader.items():
+            threads = reader.streams(self.workers, sum(job.file.size for job in mine))
+            pools[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"transfer-{reader.name}")
+            # Biggest first: the long poles start early, small files fill the gaps. The ranges of the
+            # large files are dealt out in turns (file A range 0, file B range 0, ... A 1, B 1), so
+            # the workers write to several files at once instead of queueing on one file's inode lock.
+            # With at least as many large files as threads, a file's next range is dealt out `large`
+            # tasks after its previous one, so it starts after that one landed: hashed in file order
+            # from memory, with nothing to read back.
+            large = sum(1 for job in mine if job.file.size > reader.range_size(self.chunk_size))
+            self._in_order[key] = large >= threads
+            per_file = [self._tasks(job) for job in mine]
+            queues[key] = (interleave([t for t in per_file if len(t) > 1])
+                           + [w for t in per_file if len(t) == 1 for w in t])
+        return queues
 
     def _close_leftovers(self) -> None:
         """After a failure: close every partial still open (a sync daemon runs round after round, and
@@ -135,7 +152,7 @@ class Transfer:
             # file in flight) no faster with O_DIRECT; 16 x 128 MiB (in order) 2.92-3.31 s against
             # 4.23-4.84 s through the page cache, nothing read back.
             direct = (self.direct_io and reader.ranged and job.file.size > range_size
-                      and (self._ranges_in_order or not checksums.hashed_in_file_order(job.file.checksums, range_size)))
+                      and (self._in_order[id(reader)] or not checksums.hashed_in_file_order(job.file.checksums, range_size)))
             pf = PartialFile(job, range_size, reader.ranged, self._leftovers.get((job.partial_dir, job.file.etag), []),
                              direct=direct)
             with self._dir_lock:

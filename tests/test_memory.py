@@ -41,18 +41,19 @@ def high_performance(limit: int) -> dict[str, int]:
 
 # limit -> streams, connections, buffer limit / size / per file (MiB), planned peak (MiB): memory.py's table
 TABLE = [
-    (256 * MiB, 1, 1, (128, 32, 8), 352),
-    (512 * MiB, 1, 2, (128, 64, 8), 416),
-    (1 * GiB, 2, 5, (224, 112, 14), 768),
-    (2 * GiB, 5, 11, (416, 208, 26), 1536),
-    (4 * GiB, 8, 23, (992, 496, 62), 3072),
-    (8 * GiB, 8, 47, (2528, 1024, 158), 6144),
+    (256 * MiB, 1, 1, (128, 32, 8), 304),
+    (512 * MiB, 4, 2, (128, 64, 8), 416),
+    (1 * GiB, 10, 5, (192, 96, 12), 768),
+    (2 * GiB, 16, 11, (480, 240, 30), 1536),
+    (4 * GiB, 16, 23, (1248, 512, 78), 3072),
+    (8 * GiB, 16, 47, (2784, 1024, 174), 6144),
 ]
+STREAMS = 16  # the Xet streams of --workers 8 (engines/xet.py: XET_STREAMS_PER_WORKER)
 
 
 @pytest.mark.parametrize("limit, streams, connections, buffers, planned", TABLE)
 def test_plan_table(limit, streams, connections, buffers, planned):
-    plan = plan_xet(limit, high_performance(limit), workers=8, high_performance=True)
+    plan = plan_xet(limit, high_performance(limit), workers=STREAMS, high_performance=True)
     s = plan.settings
     assert (plan.streams, s[MAX_CONNECTIONS]) == (streams, connections)
     assert (s[BUFFER_LIMIT] // MiB, s[BUFFER_SIZE] // MiB, s[BUFFER_PERFILE] // MiB) == buffers
@@ -62,9 +63,9 @@ def test_plan_table(limit, streams, connections, buffers, planned):
 
 
 def test_plan_keeps_what_fits_and_what_the_operator_set():
-    roomy = plan_xet(64 * GiB, high_performance(64 * GiB), workers=8, high_performance=True)
-    assert not roomy.bounded and roomy.warning is None and roomy.streams == 8
-    mine = plan_xet(512 * MiB, high_performance(512 * MiB), workers=8,
+    roomy = plan_xet(64 * GiB, high_performance(64 * GiB), workers=STREAMS, high_performance=True)
+    assert not roomy.bounded and roomy.warning is None and roomy.streams == STREAMS
+    mine = plan_xet(512 * MiB, high_performance(512 * MiB), workers=STREAMS,
                     operator_set=frozenset({"HF_XET_FIXED_DOWNLOAD_CONCURRENCY"}))
     assert MAX_CONNECTIONS not in mine.overrides and mine.settings[MAX_CONNECTIONS] == 124
     assert mine.overrides[BUFFER_LIMIT] == 128 * MiB

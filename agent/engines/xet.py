@@ -23,6 +23,12 @@ from ..errors import AgentError, AuthError, NotFound, Retryable
 from ..sources.base import RangeReader, RemoteFile
 
 XET_RANGE = 8 * 2**20  # bytes per hf_xet stream (range_size says why)
+# Xet ranges in flight per --workers: each range is a reconstruction request, then a xorb fetch, then
+# one ~8 MiB item, so a stream waits on two round trips per range. 1 GiB over the HTTP CAS, medians of
+# 4 alternating runs: 8 streams 2.47 s, 16 streams 2.12 s (hf download 1.63 s); a kill and re-run
+# 1.05-1.09x either way. `--workers` stays the number of plain HTTP connections.
+XET_STREAMS_PER_WORKER = 2
+KILL_LOSS = 0.1  # of a pull's Xet bytes, the most its streams in flight may hold (streams() says why)
 
 
 class StreamStalled(Exception):
@@ -116,8 +122,8 @@ class XetReader(RangeReader):
         self._group = None
         self._refused: AgentError | None = None  # the token route's final answer: not asked again
         self._lock = threading.Lock()
-        # Xet files streamed at once: each holds a ~64 MiB term while it lands (memory.py sizes it)
-        self._streams = threading.BoundedSemaphore(self.settings.workers)
+        # Xet ranges streamed at once: each holds its ~8 MiB item while it lands (memory.py sizes them)
+        self._streams = threading.BoundedSemaphore(self.streams(self.settings.workers))
         self._sized = None  # hf_xet's config, sized once: a replaced group (fresh token) reuses it
 
     def sized_config(self, hf_xet):
@@ -134,7 +140,8 @@ class XetReader(RangeReader):
         config = config.with_config("client.read_timeout", f"{max(1, int(self.settings.stall_timeout))}s")
         limit = memory.detect(self.settings.memory_limit, self.settings.memory_limit_from)
         plan = memory.plan_xet(limit.bytes, {key: int(config.get(key)) for key in memory.KEYS},
-                               workers=self.settings.workers, high_performance=self.settings.xet_high_performance,
+                               workers=self.streams(self.settings.workers),
+                               high_performance=self.settings.xet_high_performance,
                                operator_set=self.settings.xet_env)
         for key, value in plan.overrides.items():
             config = config.with_config(key, value)
@@ -170,6 +177,15 @@ class XetReader(RangeReader):
         # (peak RSS 1,027 MiB against 291 MiB) and was not faster (0.81x its time, 5 paired runs).
         # 4 MiB ranges were slower; 16 MiB lost more at a kill. bench/xet.py measures it.
         return min(default, XET_RANGE)
+
+    def streams(self, workers: int, nbytes: int | None = None) -> int:
+        most = XET_STREAMS_PER_WORKER * workers
+        if nbytes is None:
+            return most
+        # A SIGKILL loses what the streams in flight had fetched (up to a range each): keep that under
+        # KILL_LOSS of the bytes to move, but never below --workers streams. A 768 MiB pull with 16
+        # streams re-fetched 1.16-1.18x after a kill; a 60 GB one never comes near the cap.
+        return max(workers, min(most, int(nbytes * KILL_LOSS) // XET_RANGE))
 
     def what(self, file: RemoteFile) -> str:
         return f"{self.source.ref.display()}@{self.commit[:12]} {file.path}"

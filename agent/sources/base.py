@@ -158,6 +158,11 @@ class RangeReader(ABC):
         """How large the parallel ranges of one file should be for this reader."""
         return default
 
+    def streams(self, workers: int, nbytes: int | None = None) -> int:
+        """How many of this reader's ranges may be in flight at once, given --workers and the bytes it
+        is to move in this run (None: the most it would ever use)."""
+        return workers
+
     def for_file(self, file: RemoteFile) -> "RangeReader":
         """The reader that handles `file`: composite readers pick per file (xet or http)."""
         return self
