@@ -35,7 +35,7 @@ def agent_events(log: Path) -> dict[str, dict]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("event") in ("engine", "summary") or rec.get("level") == "error":
+            if rec.get("event") in ("engine", "memory", "summary") or rec.get("level") == "error":
                 events[rec.get("event") or "error"] = rec
     return events
 

@@ -14,6 +14,9 @@ Prints a Markdown section; bench/results.md carries the copy that was measured l
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -22,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import cgroups
 from scenarios import Case, agent_case, hf_case
 from suite import base_env, run_suite
 from verify import check_tree, expected_hashes
@@ -40,8 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--small-files", type=int, default=40)
     p.add_argument("--runs", type=int, default=3, help="runs per tool; medians are reported (default 3)")
     p.add_argument("--cas", choices=("http", "local"), default="http", help="how the CAS is served (default http)")
-    p.add_argument("--cases", default="auto,xet,hf,hf-hp", help="comma-separated subset of auto,xet,hf,hf-hp")
+    p.add_argument("--cases", default="auto,xet,hf,hf-hp,hf-verify",
+                   help="comma-separated subset of auto,xet,hf,hf-hp,hf-verify")
+    p.add_argument("--integrity", action="store_true",
+                   help="also pull through a CAS that flips 16 bytes of every xorb body, with each tool")
     p.add_argument("--skip-resume", action="store_true")
+    p.add_argument("--limits", default="", metavar="512Mi,1Gi",
+                   help="also run `auto` in child memory cgroups of these limits (Mi/Gi), as a pod's limit")
     p.add_argument("--kill-at", type=float, default=0.5, help="fraction of the model on disk at the SIGKILL")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/model-agent-bench-xet"))
     p.add_argument("--keep", action="store_true", help="keep the model and the CAS for a faster next run")
@@ -57,14 +66,33 @@ def with_env(case: Case, key: str, label: str, **env: str) -> Case:
     return Case(key, label, lambda dest: prefix + case.argv(dest), case.files_root, case.is_agent)
 
 
-def cases(names: list[str], commit: str, agent_env: dict[str, str]) -> list[Case]:
+# sha256 of every file listed in argv[1] ("digest  name" lines), in the folder argv[2]: hashlib's
+# OpenSSL sha256 (SHA-NI here), as model-agent's; coreutils' sha256sum 9.1 took 2.9 s for the 1 GiB.
+CHECK = ("import hashlib, sys, os; os.chdir(sys.argv[2]); bad = [n for d, n in (l.split('  ', 1) for l in "
+         "open(sys.argv[1]).read().splitlines()) if hashlib.file_digest(open(n, 'rb'), 'sha256').hexdigest() != d]; "
+         "sys.exit(1 if bad else 0)")
+
+
+def verified(case: Case, sums: Path) -> Case:
+    """`hf download`, then the sha256 of what it wrote: the check model-agent makes on every file,
+    which `hf download` skips for Xet files (it wrote corrupted xorb bytes and exited 0: --integrity)."""
+    def argv(dest: Path) -> list[str]:
+        cmd = " ".join(shlex.quote(a) for a in case.argv(dest))
+        check = " ".join(shlex.quote(a) for a in (sys.executable, "-c", CHECK, str(sums), str(case.files_root(dest))))
+        return ["sh", "-c", f"{cmd} && {check}"]
+
+    return Case("hf-verify", "hf download, then a sha256 check", argv, case.files_root)
+
+
+def cases(names: list[str], commit: str, agent_env: dict[str, str], sums: Path) -> list[Case]:
     hf = hf_case(REPO, commit)
     auto, xet = agent_case("auto", REPO, commit), agent_case("xet", REPO, commit)
     if agent_env:
         auto, xet = (with_env(c, c.key, f"{c.label} ({' '.join(agent_env)})", **agent_env) for c in (auto, xet))
     known = {"auto": auto, "xet": xet,
              "hf": Case("hf", "hf download (hf_xet)", hf.argv, hf.files_root),
-             "hf-hp": with_env(hf, "hf-hp", "hf download, HF_XET_HIGH_PERFORMANCE=1", HF_XET_HIGH_PERFORMANCE="1")}
+             "hf-hp": with_env(hf, "hf-hp", "hf download, HF_XET_HIGH_PERFORMANCE=1", HF_XET_HIGH_PERFORMANCE="1"),
+             "hf-verify": verified(hf, sums)}
     return [known[n] for n in names]
 
 
@@ -85,6 +113,53 @@ def table(results: dict[str, list]) -> str:
         ratio = f"{s['wall_s'] / hf['wall_s']:.2f}x" if hf else "-"
         lines.append(f"| {s['label']} | {s['wall_s']:.2f} ({', '.join(f'{w:.2f}' for w in s['walls'])}) | {ratio} "
                      f"| {s['rss_mib']:.0f} ({', '.join(f'{v:.0f}' for v in s['rss_runs'])}) | {s['verified']} |")
+    return "\n".join(lines)
+
+
+def integrity_text(work: Path) -> str:
+    """Each tool against a CAS that flips 16 bytes inside every xorb body (the chunks still decode)."""
+    folder = work / "integrity"
+    folder.mkdir(exist_ok=True)
+    (folder / "weights.bin").write_bytes(os.urandom(3 * MIB))  # incompressible: stored raw, flips decode
+    (folder / "config.json").write_text("{}")
+    want = hashlib.sha256((folder / "weights.bin").read_bytes()).hexdigest()
+    lines = []
+    with HubServer(folder / "hub", xet="http") as hub:
+        commit = hub.add_repo("bench/corrupt", {"weights.bin": folder / "weights.bin", "config.json": folder / "config.json"})
+        hub.faults.add("corrupt", path_glob="/xorbs/*", host="cas", count=1000, after_bytes=100, span=16)
+        for case in (agent_case("auto", "bench/corrupt", commit), hf_case("bench/corrupt", commit)):
+            dest = folder / case.key
+            env = dict(base_env(hub.url), HF_HOME=str(folder / f"{case.key}-home"))
+            rc = subprocess.run(case.argv(dest), env=env, capture_output=True, check=False).returncode
+            path = case.files_root(dest) / "weights.bin"
+            kept = "no file" if not path.exists() else (
+                "right bytes" if hashlib.sha256(path.read_bytes()).hexdigest() == want else "WRONG bytes")
+            lines.append(f"{case.label}: exit {rc}, {kept}")
+    return "Corrupted xorb bytes (16 bytes flipped in every body, chunks still decode): " + "; ".join(lines) + "."
+
+
+def parse_limit(text: str) -> int:
+    return int(text[:-2]) * {"Mi": MIB, "Gi": GIB}[text[-2:]]
+
+
+def limited_table(hub, commit: str, expected: dict, work: Path, args: argparse.Namespace) -> str:
+    """`auto` under each memory limit, in a real child cgroup (page cache charged, as in a pod)."""
+    lines = ["| memory limit | wall s, median (all runs) | peak RSS MiB, median | Xet streams | OOM kills | sha256 ok |",
+             "|---|---:|---:|---:|---:|---:|"]
+    auto = agent_case("auto", REPO, commit)
+    for text in args.limits.split(","):
+        path = cgroups.make_child(f"model-agent-bench-{text}", parse_limit(text))
+        try:
+            case = Case(f"auto-{text}", f"auto, {text}", lambda dest, p=path: cgroups.enter_argv(p, auto.argv(dest)),
+                        auto.files_root, is_agent=True)
+            records = run_suite([case], hub, expected, work, args.runs, args.timeout)[case.key]
+            kills = cgroups.oom_kills(path)
+        finally:
+            cgroups.remove(path)
+        s = medians(records)
+        streams = {r["agent_events"].get("memory", {}).get("xet_streams") for r in records} - {None}
+        lines.append(f"| {text} | {s['wall_s']:.2f} ({', '.join(f'{w:.2f}' for w in s['walls'])}) | {s['rss_mib']:.0f} "
+                     f"| {', '.join(map(str, sorted(streams))) or '-'} | {kills} | {s['verified']} |")
     return "\n".join(lines)
 
 
@@ -163,9 +238,15 @@ def main(argv: list[str] | None = None) -> int:
             out = [(f"Model: {args.shards} x {shard / MIB:.0f} MiB shards + {args.small_files} small files, "
                     f"Xet CAS served {served}, medians of {args.runs}."), ""]
             if args.cases:
-                chosen = cases(args.cases.split(","), commit, agent_env)
+                sums = work / "sha256sums"
+                sums.write_text("".join(f"{digest}  {name}\n" for name, (_, digest) in expected.items()))
+                chosen = cases(args.cases.split(","), commit, agent_env, sums)
                 results = run_suite(chosen, hub, expected, work, args.runs, args.timeout)
                 out.append(table(results))
+            if args.integrity:
+                out += ["", integrity_text(work)]
+            if args.limits:
+                out += ["", limited_table(hub, commit, expected, work, args)]
             if not args.skip_resume:
                 out += ["", resume_text(resume(hub, commit, expected, work, args.kill_at, args.timeout, agent_env))]
         print("\n" + "\n".join(out))

@@ -28,9 +28,10 @@ def cas_requests(hub, glob: str = "") -> list:
     return [r for r in hub.stats.requests if r.host == "cas" and glob in r.path]
 
 
-def pull(hub, tmp_path: Path, repo: str = REPO, *more: str, timeout: float = 120):
+def pull(hub, tmp_path: Path, repo: str = REPO, *more: str, timeout: float = 120, env_extra: dict | None = None):
     cache = tmp_path / "cache"
-    return cache, run_agent(*pull_args(hub, repo, cache, "--engine", "xet", *more), env=hub_env(hub), timeout=timeout)
+    return cache, run_agent(*pull_args(hub, repo, cache, "--engine", "xet", *more), env=hub_env(hub, **(env_extra or {})),
+                            timeout=timeout)
 
 
 def commit_of(hub, repo: str) -> str:
@@ -265,3 +266,17 @@ def test_small_files_do_not_wait_behind_the_xet_ranges(xet_hub, tmp_path):
     ranges = [i for path, i in order if "/reconstructions/" in path]
     assert small and len(ranges) >= 5, order
     assert min(small) < max(ranges), "every small file waited for the last Xet range"
+
+
+def test_a_missing_xorb_is_retried_then_exit_7(xet_hub, tmp_path):
+    """A 404 on a presigned xorb URL is the CAS's storage missing a chunk it listed: hf_xet gives up at
+    once, the agent retries (a replica catching up cures it), then exits 7, not 4: the file exists."""
+    once = xet_hub.faults.add("status", status=404, path_glob="/xorbs/*", host="cas", count=1)
+    cache, r = pull(xet_hub, tmp_path, RANDOM_REPO, env_extra={"MODEL_AGENT_RETRY_BASE_DELAY": "0.05"})
+    assert r.returncode == 0 and once.hits == 1, r.stderr[-2000:]
+    xet_hub.faults.add("status", status=404, path_glob="/xorbs/*", host="cas", count=1000)
+    _, r = pull(xet_hub, tmp_path / "again", RANDOM_REPO,
+                env_extra={"MODEL_AGENT_RETRY_BASE_DELAY": "0.05", "MODEL_AGENT_RETRY_MAX_FAILURES": "2"})
+    assert r.returncode == 7, r.stderr[-2000:]
+    last = json_lines(r.stderr)[-1]
+    assert "\n" not in last["msg"] and "weights.bin" in last["msg"] and "404" in last["msg"], last
