@@ -7,9 +7,10 @@ so a pull killed with SIGKILL continues from the bytes on disk. It holds two cou
 before the record was written). A SIGKILL loses no written byte (the page cache keeps it), so a
 writer on the same boot trusts `written`; after a node crash (another boot id) only `done` is
 trusted, and a record never vouches for data the disk may have lost. A record that claims more than
-the file holds anyway is cut back to it. Records are cheap (no sync) and written often, so a kill
-costs the bytes of the last ~0.1 s; the fdatasync behind `done` runs once a second. Partial files are named after the file's content key
-(its etag) plus an owner tag: a changed remote file has another key and can never be resumed into,
+the file holds anyway is cut back to it. Records are cheap (no sync) and written every 8 MiB or
+0.1 s, so a kill costs little more than what was in flight; the fdatasync behind `done` runs once a
+second, on a thread of its own. Partial files are named after the file's content key (its etag)
+plus an owner tag: a changed remote file has another key and can never be resumed into,
 and two writers never share a temp file. A new writer resumes a dead one's partial by copying its
 landed bytes, never by taking the file: the old writer may only be paused, with the file still open.
 A large file may also hold an O_DIRECT descriptor (agent/directio.py), used by the transfer for
