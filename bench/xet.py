@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--integrity", action="store_true",
                    help="also pull through a CAS that flips 16 bytes of every xorb body, with each tool")
     p.add_argument("--skip-resume", action="store_true")
+    p.add_argument("--cas-latency-ms", type=float, default=0,
+                   help="hold every CAS request this long before answering: a CAS a round trip away (default 0)")
     p.add_argument("--limits", default="", metavar="512Mi,1Gi",
                    help="also run `auto` in child memory cgroups of these limits (Mi/Gi), as a pod's limit")
     p.add_argument("--kill-at", type=float, default=0.5, help="fraction of the model on disk at the SIGKILL")
@@ -240,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         agent_env = dict(kv.split("=", 1) for kv in args.agent_env)
         with HubServer(work / "hub", xet=args.cas) as hub:
             commit = hub.add_repo(REPO, files)
+            if args.cas_latency_ms:
+                hub.faults.add("latency", host="cas", count=2**62, seconds=args.cas_latency_ms / 1000)
             served = "over HTTP" if args.cas == "http" else "as local://"
+            served += f", {args.cas_latency_ms:g} ms per CAS request" if args.cas_latency_ms else ""
             out = [(f"Model: {args.shards} x {shard / MIB:.0f} MiB shards + {args.small_files} small files, "
                     f"Xet CAS served {served}, medians of {args.runs}."), ""]
             if args.cases:

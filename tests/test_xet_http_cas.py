@@ -280,3 +280,21 @@ def test_a_missing_xorb_is_retried_then_exit_7(xet_hub, tmp_path):
     assert r.returncode == 7, r.stderr[-2000:]
     last = json_lines(r.stderr)[-1]
     assert "\n" not in last["msg"] and "weights.bin" in last["msg"] and "404" in last["msg"], last
+
+
+def test_latency_holds_each_cas_request_and_nothing_else(xet_hub, demo_files, tmp_path):
+    """bench/xet.py --cas-latency-ms: a CAS a round trip away. Every CAS request waits, the Hub's own
+    routes do not, and a pull still lands."""
+    import httpx
+
+    xet_hub.faults.add("latency", host="cas", count=10**6, seconds=0.3)
+    began = time.monotonic()
+    tok = httpx.get(f"{xet_hub.url}/api/models/{REPO}/xet-read-token/main")
+    api_s = time.monotonic() - began
+    began = time.monotonic()
+    httpx.post(f"{xet_hub.cas_url}/v1/telemetry", headers={"Authorization": f"Bearer {tok.json()['accessToken']}"})
+    cas_s = time.monotonic() - began
+    assert cas_s >= 0.3 and api_s < 0.3, (cas_s, api_s)
+    cache, r = pull(xet_hub, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_snapshot(cache, REPO, commit_of(xet_hub, REPO), demo_files)

@@ -16,6 +16,7 @@ target ("/v2/reconstructions/*", "/xorbs/*").
 from __future__ import annotations
 
 import re
+import time
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,9 @@ def _merged(ranges: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int
 
 def route_cas(h: "HubHandler", req: "Request") -> None:
     hub = h.hub
+    delay = hub.faults.take_latency("cas", req.method, req.path)
+    if delay:
+        time.sleep(delay)
     fault = hub.faults.take_request_fault("cas", req.method, req.path)
     if fault is not None:
         h.respond_fault(fault)

@@ -10,6 +10,8 @@ Two phases are checked per request:
   so they only apply to responses that carry file bytes (resolve, CDN, Xet xorbs). "corrupt"
   inverts every byte after `after_bytes`, or only `span` of them: bytes inside a stored Xet chunk
   then still decode, to wrong data;
+- "latency" holds a CAS request `seconds` before it is answered as usual: a CAS a round trip away,
+  as the Hub's is from a cluster (the dev Hub on 127.0.0.1 answers in microseconds);
 - range faults ("ignore_range") answer a ranged request with 200 and the whole body, as servers
   and Hub mirrors that do not implement Range do (olah, some proxies).
 The Xet CAS host ("cas", agent/devhub/cas.py) takes request faults on its paths ("/v2/reconstructions/*",
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 REQUEST_KINDS = frozenset({"status", "429", "redirect"})
 BODY_KINDS = frozenset({"reset", "truncate", "stall", "corrupt", "slow"})
 RANGE_KINDS = frozenset({"ignore_range"})
+LATENCY_KINDS = frozenset({"latency"})
 HOSTS = frozenset({"api", "cdn", "cas", "any"})
 METHODS = frozenset({"GET", "HEAD", "POST", "any"})
 
@@ -95,7 +98,7 @@ class FaultSet:
         location: str = "",
         span: int = 0,
     ) -> Fault:
-        if kind not in REQUEST_KINDS | BODY_KINDS | RANGE_KINDS:
+        if kind not in REQUEST_KINDS | BODY_KINDS | RANGE_KINDS | LATENCY_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
         if host not in HOSTS:
             raise ValueError(f"host must be one of {sorted(HOSTS)}")
@@ -139,3 +142,8 @@ class FaultSet:
 
     def take_range_fault(self, host: str, method: str, path: str) -> Fault | None:
         return self.take(RANGE_KINDS, host, method, path)
+
+    def take_latency(self, host: str, method: str, path: str) -> float:
+        """Seconds to hold this request before answering it (0: none)."""
+        fault = self.take(LATENCY_KINDS, host, method, path)
+        return fault.seconds if fault is not None else 0.0
