@@ -112,7 +112,7 @@ def table(results: dict[str, list]) -> str:
     rows = {k: medians(v) for k, v in results.items()}
     hf = rows.get("hf")
     # CPU: the tool's own (user + sys, all its threads) and the in-process Hub's while it ran. On a
-    # machine whose cores are all busy, the sum bounds the wall time from below.
+    # machine whose cores are all busy, the sum over the cores bounds the wall time from below.
     lines = ["| run | wall s, median (all runs) | vs hf download | peak RSS MiB, median (all runs) "
              "| CPU s: tool + Hub | sha256 ok |",
              "|---|---:|---:|---:|---:|---:|"]
