@@ -298,3 +298,25 @@ def test_latency_holds_each_cas_request_and_nothing_else(xet_hub, demo_files, tm
     cache, r = pull(xet_hub, tmp_path)
     assert r.returncode == 0, r.stderr
     assert_snapshot(cache, REPO, commit_of(xet_hub, REPO), demo_files)
+
+
+def test_hf_xet_starts_with_a_connection_per_stream(xet_hub, tmp_path):
+    """hf_xet's adaptive concurrency starts at 4 connections: more streams than that queued inside
+    it, each waiting on a xorb fetch, which a CAS a round trip away turns into lost time. The agent
+    starts it at one connection per stream (within the memory plan's connections); an operator's
+    HF_XET_CLIENT_AC_INITIAL_DOWNLOAD_CONCURRENCY is kept."""
+    data = os.urandom(48 * 2**20)  # 6 ranges of 8 MiB, all streamed at once with --workers 8
+    (tmp_path / "weights.bin").write_bytes(data)
+    if xet_hub.store.get("model", "org/xet-six-ranges") is None:
+        xet_hub.add_repo("org/xet-six-ranges", {"weights.bin": tmp_path / "weights.bin"})
+    xet_hub.faults.add("latency", path_glob="/xorbs/*", host="cas", count=10**6, seconds=0.5)
+    peaks = {}
+    for case, extra in (("ours", {}), ("operator's", {"HF_XET_CLIENT_AC_INITIAL_DOWNLOAD_CONCURRENCY": "2"})):
+        xet_hub.stats.reset()
+        cache, r = pull(xet_hub, tmp_path / case, "org/xet-six-ranges", "--workers", "8", "--log-format", "json",
+                        env_extra=extra)
+        assert r.returncode == 0, r.stderr
+        memory = [e for e in json_lines(r.stderr) if e["event"] == "memory"][0]
+        peaks[case] = (xet_hub.stats.peak_handling["xorb"], memory["xet_first_connections"])
+    assert peaks["ours"][1] == 16 and peaks["ours"][0] >= 6, peaks  # hf_xet's own start: 4 at most
+    assert peaks["operator's"][1] == 2 and peaks["operator's"][0] < 6, peaks  # queued inside hf_xet again

@@ -74,6 +74,12 @@ def _merged(ranges: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int
 
 
 def route_cas(h: "HubHandler", req: "Request") -> None:
+    kind = "xorb" if req.path.startswith("/xorbs/") else "cas"
+    with h.hub.stats.handling(kind):
+        _route_cas(h, req)
+
+
+def _route_cas(h: "HubHandler", req: "Request") -> None:
     hub = h.hub
     delay = hub.faults.take_latency("cas", req.method, req.path)
     if delay:

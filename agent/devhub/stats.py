@@ -23,6 +23,8 @@ class Stats:
         self._bytes: dict[str, int] = defaultdict(int)
         self._bodies = 0
         self.peak_bodies = 0  # most file bodies being sent at the same time: a client's real concurrency
+        self._handling: dict[str, int] = defaultdict(int)
+        self.peak_handling: dict[str, int] = defaultdict(int)  # most requests of a kind in the server at once
 
     def record_request(self, host: str, method: str, path: str, headers: dict[str, str]) -> None:
         with self._lock:
@@ -43,6 +45,18 @@ class Stats:
             with self._lock:
                 self._bodies -= 1
 
+    @contextmanager
+    def handling(self, kind: str) -> Iterator[None]:
+        """Counts a request of `kind` from its arrival to its answer, latency faults included."""
+        with self._lock:
+            self._handling[kind] += 1
+            self.peak_handling[kind] = max(self.peak_handling[kind], self._handling[kind])
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._handling[kind] -= 1
+
     @property
     def requests(self) -> list[RequestRecord]:
         with self._lock:
@@ -58,3 +72,4 @@ class Stats:
             self._requests.clear()
             self._bytes.clear()
             self.peak_bodies = self._bodies
+            self.peak_handling = defaultdict(int, self._handling)
