@@ -187,7 +187,9 @@ class Azurite(Server):
         extra = ["--cert", str(tls[0]), "--key", str(tls[1]), "--oauth", "basic"] if tls else []
         self._spawn([str(exe), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(workdir),
                      "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent", *extra], workdir)
-        svc = self.service()
+        # No SDK retries while it starts: the SDK's backoff on a refused connection held every start
+        # for ~19 s, where Azurite itself is up in a few.
+        svc = self.service(retry_total=0)
         wait_until(lambda: list(svc.list_containers()) is not None, 60, "azurite", self.proc, self.log)
 
     @property
@@ -198,8 +200,9 @@ class Azurite(Server):
     def env(self, **extra: str) -> dict[str, str]:
         return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string, **extra}
 
-    def service(self, connection_string: str | None = None):
+    def service(self, connection_string: str | None = None, **options):
         from azure.storage.blob import BlobServiceClient
 
         verify = {"connection_verify": str(self.tls[0])} if self.tls else {}
-        return BlobServiceClient.from_connection_string(connection_string or self.connection_string, **verify)
+        return BlobServiceClient.from_connection_string(connection_string or self.connection_string, **verify,
+                                                        **options)
