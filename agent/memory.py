@@ -31,8 +31,8 @@ buffer (never below what one term needs):
 
 These are the rows with HF_XET_HIGH_PERFORMANCE=1 (124 connections, a buffer of half the memory),
 with 8 workers (16 Xet streams). Its preset fits from a limit of about 34 GiB; hf_xet's standard
-settings (64 connections, a quarter of the memory) from about 10 GiB. A floor can put the plan past SHARE, never
-past the limit but at 256 MiB, which is said in the warning.
+settings (64 connections, a quarter of the memory) from about 10 GiB. A floor can put the plan past
+SHARE, never past the limit but at 256 MiB, which is said in the warning.
 An HF_XET_* variable the operator set is theirs: it is never overridden, only counted.
 """
 

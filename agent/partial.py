@@ -158,8 +158,8 @@ class PartialFile:
     def total_done(self) -> int:
         return sum(self.done)
 
-    def _state(self, synced: list[int]) -> dict:
-        return {"etag": self.file.etag, "size": self.file.size, "chunk": self.chunk, "done": synced,
+    def _state(self) -> dict:
+        return {"etag": self.file.etag, "size": self.file.size, "chunk": self.chunk, "done": self.synced,
                 "written": list(self.done), "boot": resume.BOOT_ID}
 
     def _adopt(self, candidates: list[Path] | None) -> None:
@@ -350,7 +350,7 @@ class PartialFile:
             if self.closed:
                 return  # its record was written before it closed (or it is gone: verified or discarded)
             with self.lock:
-                state = json.dumps(self._state(self.synced))
+                state = json.dumps(self._state())
             tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
             tmp.write_text(state)
             os.replace(tmp, self.sidecar)
