@@ -10,11 +10,12 @@ HF_XET_HIGH_PERFORMANCE=1 was killed within 2 s of a 1 GiB pull):
 
     per connection      one decompressed xorb, up to 64 MiB; 64 connections by default, 124 with
                         HF_XET_HIGH_PERFORMANCE (HF_XET_CLIENT_AC_MAX_DOWNLOAD_CONCURRENCY)
-    per stream          the range a worker holds while it writes it, and the next one being decoded:
-                        2 x 8 MiB (engines/xet.py; items measured at 8 MiB)
+    per stream          the range a worker holds while it writes it, the next one being decoded, and
+                        one that landed ahead of its file's hashing frontier, kept until it is hashed
+                        (agent/ahead.py): 3 x 8 MiB (engines/xet.py; items measured at 8 MiB)
     the process         the interpreter, its libraries and hf_xet's runtime: BASE
 
-So the plan for a pull is `BASE + buffer limit + connections x 64 MiB + streams x 16 MiB`, and it
+So the plan for a pull is `BASE + buffer limit + connections x 64 MiB + streams x 24 MiB`, and it
 must fit SHARE of the limit (the rest is slack for the allocator and the page cache of the writes,
 which a memory cgroup charges too). When hf_xet's own settings fit, they are kept, the
 high-performance preset included. When they do not, `plan_xet` bounds them; the budget is
@@ -22,12 +23,12 @@ high-performance preset included. When they do not, `plan_xet` bounds them; the 
 buffer (never below what one term needs):
 
     limit      budget    streams  connections  buffer limit / size / per file   planned peak
-    256 MiB    96 MiB    1        1            128 / 32 / 8 MiB                  304 MiB (warned)
-    512 MiB    288 MiB   4        2            128 / 64 / 8 MiB                  416 MiB
-    1 GiB      672 MiB   10       5            192 / 96 / 12 MiB                 768 MiB
-    2 GiB      1440 MiB  16       11           480 / 240 / 30 MiB                1536 MiB
-    4 GiB      2976 MiB  16       23           1248 / 512 / 78 MiB               3072 MiB
-    8 GiB      6048 MiB  16       47           2784 / 1024 / 174 MiB             6144 MiB
+    256 MiB    96 MiB    1        1            128 / 32 / 8 MiB                  312 MiB (warned)
+    512 MiB    288 MiB   3        2            128 / 64 / 8 MiB                  424 MiB
+    1 GiB      672 MiB   7        5            184 / 92 / 11 MiB                 768 MiB
+    2 GiB      1440 MiB  15       11           376 / 188 / 23 MiB                1536 MiB
+    4 GiB      2976 MiB  16       23           1120 / 512 / 70 MiB               3072 MiB
+    8 GiB      6048 MiB  16       47           2656 / 1024 / 166 MiB             6144 MiB
 
 These are the rows with HF_XET_HIGH_PERFORMANCE=1 (124 connections, a buffer of half the memory),
 with 8 workers (16 Xet streams). Its preset fits from a limit of about 34 GiB; hf_xet's standard
@@ -45,7 +46,7 @@ from pathlib import Path
 
 MiB = 2**20
 XORB = 64 * MiB  # one decompressed xorb per connection, outside hf_xet's buffer
-TERM = 16 * MiB  # one Xet range (8 MiB, engines/xet.py) held by a worker while it lands, and the next being decoded
+TERM = 24 * MiB  # per Xet stream: the 8 MiB range it lands, the next being decoded, one kept ahead (agent/ahead.py)
 BASE = 96 * MiB  # interpreter + libraries + hf_xet runtime (37 MiB idle, measured; threads and sockets on top)
 SHARE = 0.75  # of the limit the plan may use
 MIN_BUFFER = 128 * MiB  # hf_xet's buffer: room for one whole term and then some

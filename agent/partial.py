@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import checksums, directio, resume
+from .ahead import AheadBudget, AheadStash
 from .errors import DiskFull
 from .sources.base import RemoteFile
 
@@ -76,7 +77,7 @@ class PartialFile:
     """One file being downloaded: its temp file, its ranges, and how far each has got."""
 
     def __init__(self, job: FileJob, chunk_size: int, ranged: bool, candidates: list[Path] | None = None,
-                 direct: bool = False):
+                 direct: bool = False, ahead: AheadBudget | None = None):
         self.job = job
         self.file = job.file
         self.chunk = max(chunk_size, 1) if ranged else max(job.file.size, 1)
@@ -100,6 +101,8 @@ class PartialFile:
         self._settled = False
         self._settle_lock = threading.Lock()
         self._hash_lock = threading.Lock()
+        # Units that landed ahead of the hashing frontier, kept in memory (agent/ahead.py says why)
+        self.stash = AheadStash(ahead, job.file.size) if ahead is not None else None
         self.fd = -1
         if ranged:
             self._adopt(candidates)
@@ -217,8 +220,9 @@ class PartialFile:
                 self.digests = checksums.Digests(self.file.size, self.file.checksums)
             self._settled = True
 
-    def hash_landed(self, idx: int, pos: int, piece) -> None:
-        """Hash bytes just written at `pos` in range `idx`: from memory when they are next in line."""
+    def hash_landed(self, idx: int, pos: int, piece, kept: memoryview | None = None) -> None:
+        """Hash bytes just written at `pos` in range `idx`: from memory when they are next in line.
+        `kept`, a read-only view of the same bytes, may be held until the frontier reaches them."""
         self._settle_digests()
         digests = self.digests
         if isinstance(digests, checksums.RangeDigests):
@@ -235,8 +239,11 @@ class PartialFile:
                 # piece) that landed ahead of the frontier waited for the final check: 325 of 341
                 # MiB of each shard were hashed after the last byte, 0.3 s of a 1.9 s pull.
                 self.hash_ahead()
-        elif start <= digests.fed < end:
-            self.hash_ahead()  # this range is the hashing frontier: keep the digest right behind it
+        else:
+            if kept is not None and self.stash is not None:
+                self.stash.keep(pos, kept, digests.fed)
+            if start <= digests.fed < end:
+                self.hash_ahead()  # this range is the hashing frontier: keep the digest right behind it
 
     def _catch_up(self, idx: int) -> None:
         """Range digests: hash what landed in range `idx` beyond what was hashed (one thread per range)."""
@@ -275,9 +282,25 @@ class PartialFile:
                 if not self.digests.hashers:  # no checksum to compute (size only): read nothing back
                     self.digests.fed = end
                     continue
-                self._read_back(self.digests.fed, end, self.digests.update)
+                self._hash_through(end)
         finally:
             self._hash_lock.release()
+
+    def _hash_through(self, end: int) -> None:
+        """Hash [fed, end) in file order (under the hash lock): kept units from memory, the rest read back."""
+        stash, digests = self.stash, self.digests
+        if stash is None:
+            self._read_back(digests.fed, end, digests.update)
+            return
+        stash.drop_below(digests.fed)
+        while digests.fed < end and self.damaged is None:
+            view = stash.take(digests.fed)
+            if view is not None:
+                digests.update(view)
+                continue
+            stop = min(end, stash.next_after(digests.fed) or end)
+            if not self._read_back(digests.fed, stop, digests.update):
+                return
 
     def _hash_inline(self, pos: int, piece) -> bool:
         """In file order: hash a piece from memory when it is exactly the next byte the digests need.
@@ -366,6 +389,8 @@ class PartialFile:
             self.digests = checksums.Digests(self.file.size, self.file.checksums)
             self._settled = False
             self.damaged = None
+            if self.stash is not None:
+                self.stash.clear()
             os.ftruncate(self.fd, 0)
         self.flush()
         return lost
@@ -385,6 +410,8 @@ class PartialFile:
         return self.fd < 0
 
     def close(self, keep: bool) -> None:
+        if self.stash is not None:
+            self.stash.clear()  # its budget goes back to the reader's other files
         with self._sync_lock, self._record_lock:  # never under a sync of this descriptor, nor a record
             if self.direct_fd is not None:
                 os.close(self.direct_fd)

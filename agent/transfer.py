@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from . import checksums, directio
+from .ahead import units_of
 from .errors import IntegrityError, Retryable
 from .layout import fsync_dir, promote
 from .partial import FileJob, PartialFile, write_all
@@ -150,11 +151,13 @@ class Transfer:
             # are then read back, which the page cache serves from memory and O_DIRECT would make a
             # second pass over the device. Measured from the Hub, sha256: 2 x 1 GiB (4 ranges of a
             # file in flight) no faster with O_DIRECT; 16 x 128 MiB (in order) 2.92-3.31 s against
-            # 4.23-4.84 s through the page cache, nothing read back.
+            # 4.23-4.84 s through the page cache, nothing read back. A reader whose pieces may be
+            # kept (ahead_budget: Xet) lets those ranges wait in memory instead (agent/ahead.py).
             direct = (self.direct_io and reader.ranged and job.file.size > range_size
-                      and (self._in_order[id(reader)] or not checksums.hashed_in_file_order(job.file.checksums, range_size)))
+                      and (self._in_order[id(reader)] or reader.ahead_budget is not None
+                           or not checksums.hashed_in_file_order(job.file.checksums, range_size)))
             pf = PartialFile(job, range_size, reader.ranged, self._leftovers.get((job.partial_dir, job.file.etag), []),
-                             direct=direct)
+                             direct=direct, ahead=reader.ahead_budget)
             with self._dir_lock:
                 self._opened.append(pf)
             if pf.resumed_bytes:
@@ -243,7 +246,7 @@ class Transfer:
             write_all(pf.fd, piece, pos)
             pf.advance(idx, n)
             self.progress.add_bytes(n)
-            pf.hash_landed(idx, pos, piece)
+            pf.hash_landed(idx, pos, piece, memoryview(piece) if reader.ahead_budget is not None else None)
             pos += n
         if pos != end:
             raise Retryable("truncated", f"{pf.file.path}: body ended at byte {pos} of {end}")
@@ -257,18 +260,22 @@ class Transfer:
         if unit_pos >= end and pf.file.size:
             return
         buf = directio.staging_buffer()
-        for n in reader.read_range_into(pf.file, unit_pos, end, buf):
+        if reader.ahead_budget is not None:  # its pieces may be kept: hashed from memory if they land ahead
+            units = units_of(reader.read_range(pf.file, unit_pos, end), buf)
+        else:
+            units = ((n, None) for n in reader.read_range_into(pf.file, unit_pos, end, buf))
+        for n, kept in units:
             if self.stop.is_set():
                 raise Stopped()
             self.fence()
             if unit_pos + n > end:
                 raise Retryable("overrun", f"{pf.file.path}: server sent more than the {end - start} bytes asked for")
-            self._land(pf, idx, buf, unit_pos, n)
+            self._land(pf, idx, buf, unit_pos, n, kept)
             unit_pos += n
         if unit_pos != end:
             raise Retryable("truncated", f"{pf.file.path}: body ended at byte {unit_pos} of {end}")
 
-    def _land(self, pf: PartialFile, idx: int, buf: memoryview, pos: int, n: int) -> None:
+    def _land(self, pf: PartialFile, idx: int, buf: memoryview, pos: int, n: int, kept: memoryview | None = None) -> None:
         # A short unit (the file's last, or a body cut short) goes out padded with zeros to the
         # alignment; the padding covers only bytes not landed yet (ranges end aligned, but for the
         # file's last), which a retry rewrites, or the tail past the end that _finish cuts off.
@@ -279,7 +286,7 @@ class Transfer:
             write_all(pf.fd, buf[:n], pos)
         pf.advance(idx, n)
         self.progress.add_bytes(n)
-        pf.hash_landed(idx, pos, buf[:n])
+        pf.hash_landed(idx, pos, buf[:n], kept)
 
     def _stream_whole(self, reader: RangeReader, pf: PartialFile, ignored: RangesIgnored) -> None:
         """The server sent the whole file to a ranged request: take the file as one stream from byte 0,

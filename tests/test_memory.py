@@ -41,12 +41,12 @@ def high_performance(limit: int) -> dict[str, int]:
 
 # limit -> streams, connections, buffer limit / size / per file (MiB), planned peak (MiB): memory.py's table
 TABLE = [
-    (256 * MiB, 1, 1, (128, 32, 8), 304),
-    (512 * MiB, 4, 2, (128, 64, 8), 416),
-    (1 * GiB, 10, 5, (192, 96, 12), 768),
-    (2 * GiB, 16, 11, (480, 240, 30), 1536),
-    (4 * GiB, 16, 23, (1248, 512, 78), 3072),
-    (8 * GiB, 16, 47, (2784, 1024, 174), 6144),
+    (256 * MiB, 1, 1, (128, 32, 8), 312),
+    (512 * MiB, 3, 2, (128, 64, 8), 424),
+    (1 * GiB, 7, 5, (184, 92, 11), 768),
+    (2 * GiB, 15, 11, (376, 188, 23), 1536),
+    (4 * GiB, 16, 23, (1120, 512, 70), 3072),
+    (8 * GiB, 16, 47, (2656, 1024, 166), 6144),
 ]
 STREAMS = 16  # the Xet streams of --workers 8 (engines/xet.py: XET_STREAMS_PER_WORKER)
 

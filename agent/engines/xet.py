@@ -19,6 +19,7 @@ import threading
 from typing import Iterator
 
 from .. import httpio
+from ..ahead import AheadBudget
 from ..errors import AgentError, AuthError, NotFound, Retryable
 from ..sources.base import RangeReader, RemoteFile
 
@@ -125,6 +126,9 @@ class XetReader(RangeReader):
         # Xet ranges streamed at once: each holds its ~8 MiB item while it lands (memory.py sizes them)
         self._streams = threading.BoundedSemaphore(self.streams(self.settings.workers))
         self._sized = None  # hf_xet's config, sized once: a replaced group (fresh token) reuses it
+        # hf_xet hands each range over as one `bytes` of its own: a range that lands ahead of its file's
+        # hashing frontier waits in memory (one per stream, counted in memory.TERM), not on disk
+        self.ahead_budget = AheadBudget()
 
     def sized_config(self, hf_xet):
         """hf_xet's config with its buffers and connections bounded to the pod's memory (agent/memory.py),
@@ -149,6 +153,7 @@ class XetReader(RangeReader):
         if start != plan.settings[memory.INITIAL_CONNECTIONS]:
             config = config.with_config(memory.INITIAL_CONNECTIONS, start)
         self._streams = threading.BoundedSemaphore(plan.streams)
+        self.ahead_budget.cap = plan.streams * XET_RANGE
         self._say_plan(limit, plan, start)
         self._sized = config
         return config

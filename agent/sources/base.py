@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Iterator
 from ..errors import InvalidInput
 
 if TYPE_CHECKING:
+    from ..ahead import AheadBudget
     from ..config import Settings
 
 
@@ -139,6 +140,9 @@ class RangeReader(ABC):
 
     ranged: ClassVar[bool] = True  # False: only whole files (partials cannot be resumed)
     name: ClassVar[str] = ""
+    # Set by readers whose read_range pieces are immutable and owned by nobody else: the transfer may
+    # keep those that land ahead of a file's hashing frontier, within this budget (agent/ahead.py).
+    ahead_budget: "AheadBudget | None" = None
 
     @abstractmethod
     def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes | memoryview]:

@@ -1,0 +1,87 @@
+"""Units that land ahead of a file's hashing frontier (agent/ahead.py): which may be kept, within what
+budget, and that a Xet pull then neither leaves its shards in the page cache nor reads them back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from agent import directio
+from agent.ahead import AheadBudget, AheadStash, units_of
+from conftest import hub_env, pull_args, run_agent
+
+MiB = 2**20
+
+
+def test_units_come_with_a_view_only_when_one_piece_holds_them_whole():
+    buf = memoryview(bytearray(4))
+    got = [(bytes(buf[:n]), None if v is None else bytes(v)) for n, v in units_of([b"abcdefghij", b"kl", b"mnop", b"q"], buf)]
+    assert got == [(b"abcd", b"abcd"), (b"efgh", b"efgh"), (b"ijkl", None), (b"mnop", b"mnop"), (b"q", b"q")]
+
+
+def test_only_read_only_units_that_end_on_the_grain_or_the_file_are_kept():
+    size = 3 * directio.ALIGN + 100
+    stash = AheadStash(AheadBudget(10 * directio.ALIGN), size)
+    unit = memoryview(bytes(directio.ALIGN))
+    stash.keep(0, memoryview(bytearray(directio.ALIGN)), frontier=0)  # writable: its buffer is reused
+    stash.keep(directio.ALIGN, unit[:100], frontier=0)  # ends off the grain: its tail may be re-sent
+    stash.keep(2 * directio.ALIGN, unit, frontier=3 * directio.ALIGN)  # behind the frontier: hashed already
+    stash.keep(3 * directio.ALIGN, memoryview(bytes(100)), frontier=0)  # the file's tail: kept
+    assert [stash.take(p) is not None for p in (0, directio.ALIGN, 2 * directio.ALIGN, 3 * directio.ALIGN)] == \
+        [False, False, False, True]
+    assert stash.budget.held == 0
+
+
+def test_the_budget_bounds_what_all_stashes_hold_and_comes_back():
+    budget = AheadBudget(2 * MiB)
+    a, b = AheadStash(budget, 8 * MiB), AheadStash(budget, 8 * MiB)
+    a.keep(MiB, memoryview(bytes(MiB)), 0)
+    b.keep(MiB, memoryview(bytes(MiB)), 0)
+    b.keep(2 * MiB, memoryview(bytes(MiB)), 0)  # a third piece: over the budget, left to be read back
+    assert budget.held == 2 * MiB and b.next_after(0) == MiB and b.take(2 * MiB) is None
+    a.drop_below(4 * MiB)  # the frontier passed it (hashed from disk by another thread)
+    b.clear()
+    assert budget.held == 0 and budget.peak == 2 * MiB
+
+
+def test_a_piece_is_charged_whole_with_its_first_unit_and_given_back_with_its_last():
+    """A kept unit is a view: the reader's whole piece stays in memory while any unit of it is kept."""
+    budget = AheadBudget(8 * MiB)
+    stash = AheadStash(budget, 64 * MiB)
+    piece = memoryview(bytes(8 * MiB))
+    stash.keep(0, piece[:MiB], 0)
+    stash.keep(MiB, piece[MiB:2 * MiB], 0)
+    assert budget.held == 8 * MiB
+    stash.keep(8 * MiB, memoryview(bytes(MiB)), 0)  # another piece: no room left
+    assert stash.next_after(MiB) is None
+    assert stash.take(0) is not None and budget.held == 8 * MiB
+    assert stash.take(MiB) is not None and budget.held == 0
+
+
+def resident_bytes(path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(path)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
+def test_a_xet_pull_writes_past_the_page_cache_and_hashes_from_memory(xet_hub, tmp_path):
+    """Several ranges of one shard are in flight at once, so most land ahead of its sha256 frontier.
+    They used to be read back to be hashed, so the shard went through the page cache (a 1 GiB pull
+    spent ~1 CPU-s in the kernel on it). Now it is written with O_DIRECT and the ranges that land
+    ahead wait in memory: the finished blob is not in the page cache. Written buffered, or read back
+    to be hashed, all 64 MiB of it would be."""
+    if directio.fs_type(tmp_path) not in directio.LOCAL_BLOCK_FS:
+        pytest.skip(f"O_DIRECT is used on local block file systems only, not {directio.fs_type(tmp_path)}")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(os.urandom(64 * MiB))  # 8 Xet ranges
+    xet_hub.add_repo("org/xet-direct", {"weights.bin": folder / "weights.bin"})
+    cache = tmp_path / "cache"
+    r = run_agent(*pull_args(xet_hub, "org/xet-direct", cache, "--engine", "xet", "--workers", "4"),
+                  env=hub_env(xet_hub))
+    assert r.returncode == 0, r.stderr[-2000:]
+    blob = next((cache / "models--org--xet-direct" / "blobs").iterdir())
+    assert blob.stat().st_size == 64 * MiB
+    assert resident_bytes(blob) < 8 * MiB
