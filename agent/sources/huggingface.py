@@ -1,8 +1,8 @@
 """Hugging Face Hub repos: `ORG/NAME`, `hf://ORG/NAME@REV`, `hf://datasets/ORG/NAME`.
 
-Metadata goes through huggingface_hub's HfApi (endpoint and token passed explicitly: it reads
-HF_* variables at import, so changing os.environ later would not reach it). Bytes go through the
-engines in `agent.engines`.
+Metadata goes through the two Hub API calls of agent/sources/hubapi.py (huggingface_hub's requests,
+made with the agent's own HTTP client: its import alone cost a quarter of a second per pull). Bytes go
+through the engines in `agent.engines`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import re
 from typing import Callable, TypeVar
 from urllib.parse import quote
 
-from ..errors import AgentError, AuthError, InvalidInput, NotFound, Retryable
+from ..errors import InvalidInput, NotFound
 from ..layout import safe_relpath
 from ..retry import RetryPolicy, call_with_retry
 from .base import RangeReader, RemoteFile, Source, SourceRef, register
+from .hubapi import HubApi
 
 T = TypeVar("T")
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -46,33 +47,6 @@ def check_revision(revision: str) -> str:
     return revision
 
 
-def hub_error(exc: Exception, what: str) -> Exception:
-    """Map huggingface_hub / httpx errors to the contract's meanings."""
-    from huggingface_hub import errors as hf
-
-    if isinstance(exc, hf.GatedRepoError):
-        return AuthError(f"{what}: gated repo: accept its terms on the Hub and pass a token that has access")
-    if isinstance(exc, hf.RepositoryNotFoundError):
-        return NotFound(f"{what}: repo not found (or private: pass a token that can read it)")
-    if isinstance(exc, hf.RevisionNotFoundError):
-        return NotFound(f"{what}: revision not found")
-    if isinstance(exc, hf.HFValidationError):
-        return InvalidInput(f"{what}: {exc}")
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if status in (401, 403):
-        return AuthError(f"{what}: access refused (HTTP {status}): check the token")
-    if status == 404:
-        return NotFound(f"{what}: not found (HTTP 404)")
-    if status in (408, 429) or (status and status >= 500):
-        headers = exc.response.headers  # type: ignore[union-attr]
-        from ..httpio import retry_after
-
-        return Retryable(f"http_{status}", f"{what}: HTTP {status}", retry_after(headers, status))
-    if type(exc).__module__.startswith(("httpx", "httpcore")):
-        return Retryable("connection", f"{what}: {type(exc).__name__}")
-    return AgentError(f"{what}: {type(exc).__name__}: {exc}")
-
-
 @register
 class HubSource(Source):
     schemes = ("hf",)
@@ -99,12 +73,9 @@ class HubSource(Source):
         self.on_retry: Callable[[str, float, Exception], None] = lambda reason, delay, exc: None
 
     @property
-    def api(self):
+    def api(self) -> HubApi:
         if self._api is None:
-            from huggingface_hub import HfApi
-
-            # token=False: never let huggingface_hub fall back to a token of its own choosing.
-            self._api = HfApi(endpoint=self.settings.hf_endpoint, token=self.settings.token or False)
+            self._api = HubApi(self.settings.hf_endpoint, lambda: self.settings.token, self.settings.stall_timeout)
         return self._api
 
     def what(self, revision: str | None = None) -> str:
@@ -112,56 +83,43 @@ class HubSource(Source):
         return f"{self.ref.display()}{rev}"
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
-        def attempt() -> T:
-            try:
-                return fn()
-            except Exception as exc:  # noqa: BLE001 - mapped to a meaning right here
-                raise hub_error(exc, what) from None
-
-        return call_with_retry(attempt, policy=self.policy, what=what, on_retry=self.on_retry)
+        return call_with_retry(fn, policy=self.policy, what=what, on_retry=self.on_retry)
 
     def resolve(self, revision: str) -> str:
         check_revision(revision)
-        info = self._call(
-            lambda: self.api.repo_info(self.ref.repo_id, revision=revision, repo_type=self.ref.repo_type),
-            self.what(revision),
-        )
-        sha = getattr(info, "sha", None)
-        if not sha or not COMMIT_SHA.match(sha):
+        what = self.what(revision)
+        sha = self._call(lambda: self.api.revision_sha(self.ref.repo_type, self.ref.repo_id, revision, what), what)
+        if not isinstance(sha, str) or not COMMIT_SHA.match(sha):
             raise NotFound(f"{self.what(revision)}: the Hub returned no commit for this revision")
         return sha
 
     def list_files(self, commit: str) -> list[RemoteFile]:
-        from huggingface_hub.hf_api import RepoFile
+        what = self.what(commit)
+        entries = self._call(lambda: self.api.tree(self.ref.repo_type, self.ref.repo_id, commit, what), what)
+        return [self._remote_file(entry, what) for entry in entries if entry.get("type") == "file"]
 
-        entries = self._call(
-            lambda: list(self.api.list_repo_tree(
-                self.ref.repo_id, revision=commit, repo_type=self.ref.repo_type, recursive=True
-            )),
-            self.what(commit),
+    @staticmethod
+    def _remote_file(entry: dict, what: str) -> RemoteFile:
+        """A tree entry as huggingface_hub's RepoFile reads it: `oid` the git blob id, `lfs.oid` the
+        sha256 of an LFS file, `xetHash` its Xet hash."""
+        lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else None
+        blob_id, sha256, xet_hash, size = entry.get("oid"), lfs and lfs.get("oid"), entry.get("xetHash"), entry.get("size")
+        if not isinstance(entry.get("path"), str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInput(f"{what}: the Hub listed a file without a path or a size: is HF_ENDPOINT a Hub?")
+        path = safe_relpath(entry["path"], context=what)
+        for kind, value in (("blob id", blob_id), ("LFS sha256", sha256), ("xet hash", xet_hash)):
+            if (value is not None or kind == "blob id") and not _LISTED_IDS[kind].fullmatch(str(value)):
+                raise InvalidInput(f"{what} {path}: the Hub listed {kind} {str(value)[:80]!r}, "
+                                   "which is not hex of the right length: is HF_ENDPOINT a Hub?")
+        return RemoteFile(
+            path=path,
+            size=size,
+            etag=sha256 or blob_id,  # the blob name huggingface_hub itself would use
+            # git's blob id is a checksum too: it verifies the small non-LFS files for free.
+            checksums={"sha256": sha256} if sha256 else {"git_sha1": blob_id},
+            xet_hash=xet_hash,
+            version={"etag": sha256 or blob_id},
         )
-        files = []
-        for entry in entries:
-            if not isinstance(entry, RepoFile):
-                continue
-            path = safe_relpath(entry.path, context=self.what(commit))
-            lfs = entry.lfs
-            sha256 = lfs.sha256 if lfs else None
-            xet_hash = getattr(entry, "xet_hash", None)
-            for kind, value in (("blob id", entry.blob_id), ("LFS sha256", sha256), ("xet hash", xet_hash)):
-                if (value is not None or kind == "blob id") and not _LISTED_IDS[kind].fullmatch(str(value)):
-                    raise InvalidInput(f"{self.what(commit)} {path}: the Hub listed {kind} {str(value)[:80]!r}, "
-                                       "which is not hex of the right length: is HF_ENDPOINT a Hub?")
-            files.append(RemoteFile(
-                path=path,
-                size=int(entry.size),
-                etag=sha256 or entry.blob_id,  # the blob name huggingface_hub itself would use
-                # git's blob id is a checksum too: it verifies the small non-LFS files for free.
-                checksums={"sha256": sha256} if sha256 else {"git_sha1": entry.blob_id},
-                xet_hash=xet_hash,
-                version={"etag": sha256 or entry.blob_id},
-            ))
-        return files
 
     def file_url(self, commit: str, path: str) -> str:
         kind = "datasets/" if self.ref.repo_type == "dataset" else ""
