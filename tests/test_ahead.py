@@ -3,6 +3,7 @@ budget, and that a Xet pull then neither leaves its shards in the page cache nor
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 
@@ -66,22 +67,54 @@ def resident_bytes(path) -> int:
     return int(out.stdout.split()[0])
 
 
-def test_a_xet_pull_writes_past_the_page_cache_and_hashes_from_memory(xet_hub, tmp_path):
+@pytest.fixture(scope="module")
+def eight_ranges(xet_hub, tmp_path_factory) -> tuple[str, str]:
+    """A 64 MiB incompressible Xet file (8 ranges; flipped bytes still decode) and its sha256."""
+    folder = tmp_path_factory.mktemp("xet-direct")
+    data = os.urandom(64 * MiB)
+    (folder / "weights.bin").write_bytes(data)
+    xet_hub.add_repo("org/xet-direct", {"weights.bin": folder / "weights.bin"})
+    return "org/xet-direct", hashlib.sha256(data).hexdigest()
+
+
+def pull(xet_hub, repo: str, cache):
+    return run_agent(*pull_args(xet_hub, repo, cache, "--engine", "xet", "--workers", "4"),
+                     env=hub_env(xet_hub, MODEL_AGENT_RETRY_BASE_DELAY="0.05"))
+
+
+def test_a_xet_pull_writes_past_the_page_cache_and_hashes_from_memory(xet_hub, eight_ranges, tmp_path):
     """Several ranges of one shard are in flight at once, so most land ahead of its sha256 frontier.
     They used to be read back to be hashed, so the shard went through the page cache (a 1 GiB pull
     spent ~1 CPU-s in the kernel on it). Now it is written with O_DIRECT and the ranges that land
     ahead wait in memory: the finished blob is not in the page cache. Written buffered, or read back
-    to be hashed, all 64 MiB of it would be."""
+    to be hashed, all 64 MiB of it would be (40 MiB with O_DIRECT but nothing kept)."""
     if directio.fs_type(tmp_path) not in directio.LOCAL_BLOCK_FS:
         pytest.skip(f"O_DIRECT is used on local block file systems only, not {directio.fs_type(tmp_path)}")
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "weights.bin").write_bytes(os.urandom(64 * MiB))  # 8 Xet ranges
-    xet_hub.add_repo("org/xet-direct", {"weights.bin": folder / "weights.bin"})
+    repo, digest = eight_ranges
     cache = tmp_path / "cache"
-    r = run_agent(*pull_args(xet_hub, "org/xet-direct", cache, "--engine", "xet", "--workers", "4"),
-                  env=hub_env(xet_hub))
+    r = pull(xet_hub, repo, cache)
     assert r.returncode == 0, r.stderr[-2000:]
     blob = next((cache / "models--org--xet-direct" / "blobs").iterdir())
-    assert blob.stat().st_size == 64 * MiB
+    assert blob.name == digest and blob.stat().st_size == 64 * MiB
     assert resident_bytes(blob) < 8 * MiB
+
+
+def test_wrong_bytes_in_ranges_kept_ahead_are_caught(xet_hub, eight_ranges, tmp_path):
+    """Kept ranges are hashed like any other: 16 bytes flipped in the first three xorb bodies served
+    (of four ranges in flight, at least two land ahead) cost one fresh download and end verified;
+    flipped in every body, exit 5 and no blob."""
+    repo, digest = eight_ranges
+    xet_hub.faults.clear()
+    few = xet_hub.faults.add("corrupt", path_glob="/xorbs/*", host="cas", count=3, after_bytes=100, span=16)
+    cache = tmp_path / "once"
+    r = pull(xet_hub, repo, cache)
+    assert r.returncode == 0 and few.hits == 3, r.stderr[-2000:]
+    assert "integrity" in r.stdout + r.stderr
+    blob = next((cache / "models--org--xet-direct" / "blobs").iterdir())
+    assert blob.name == digest and hashlib.sha256(blob.read_bytes()).hexdigest() == digest
+    xet_hub.faults.add("corrupt", path_glob="/xorbs/*", host="cas", count=1000, after_bytes=100, span=16)
+    cache = tmp_path / "always"
+    r = pull(xet_hub, repo, cache)
+    xet_hub.faults.clear()
+    assert r.returncode == 5, r.stderr[-2000:]
+    assert not list((cache / "models--org--xet-direct" / "blobs").glob("[0-9a-f]" * 64))
