@@ -270,13 +270,15 @@ def test_small_files_do_not_wait_behind_the_xet_ranges(xet_hub, tmp_path):
 
 def test_a_missing_xorb_is_retried_then_exit_7(xet_hub, tmp_path):
     """A 404 on a presigned xorb URL is the CAS's storage missing a chunk it listed: hf_xet gives up at
-    once, the agent retries (a replica catching up cures it), then exits 7, not 4: the file exists."""
+    once, the agent retries (a replica catching up cures it), then exits 7, not 4: the file exists.
+    hf_xet reports some of those failures as a RuntimeError that names no cause (about 1 attempt in 15):
+    the message then names the status the CAS last answered, so 4 attempts all but always show it."""
     once = xet_hub.faults.add("status", status=404, path_glob="/xorbs/*", host="cas", count=1)
     cache, r = pull(xet_hub, tmp_path, RANDOM_REPO, env_extra={"MODEL_AGENT_RETRY_BASE_DELAY": "0.05"})
     assert r.returncode == 0 and once.hits == 1, r.stderr[-2000:]
     xet_hub.faults.add("status", status=404, path_glob="/xorbs/*", host="cas", count=1000)
     _, r = pull(xet_hub, tmp_path / "again", RANDOM_REPO,
-                env_extra={"MODEL_AGENT_RETRY_BASE_DELAY": "0.05", "MODEL_AGENT_RETRY_MAX_FAILURES": "2"})
+                env_extra={"MODEL_AGENT_RETRY_BASE_DELAY": "0.05", "MODEL_AGENT_RETRY_MAX_FAILURES": "4"})
     assert r.returncode == 7, r.stderr[-2000:]
     last = json_lines(r.stderr)[-1]
     assert "\n" not in last["msg"] and "weights.bin" in last["msg"] and "404" in last["msg"], last

@@ -90,7 +90,15 @@ class TokenRefused(AuthError):
 _HTTP_STATUS = re.compile(r"\((\d{3})[^)]*\), domain: (\S+)")
 
 
-def map_xet_error(exc: Exception, what: str) -> Exception:
+def http_status(exc: Exception) -> int:
+    """The CAS's HTTP status in an hf_xet error's text, 0 if it names none."""
+    found = _HTTP_STATUS.search(str(exc))
+    return int(found.group(1)) if found else 0
+
+
+def map_xet_error(exc: Exception, what: str, last_status: int = 0) -> Exception:
+    """The agent's error for an hf_xet one. `last_status`: the CAS's last HTTP answer seen in this pull,
+    named when hf_xet's error names no cause (see XetReader._failed)."""
     import hf_xet
 
     if isinstance(exc, hf_xet.XetAuthenticationError):
@@ -105,7 +113,8 @@ def map_xet_error(exc: Exception, what: str) -> Exception:
         return AuthError(f"{what}: the Xet CAS refused the Xet token access to this file (403)")
     if status == 404 and "/reconstructions/" in url:
         return NotFound(f"{what}: the Xet CAS has no such file (404)")
-    return Retryable("xet", f"{what}: xet transfer failed ({type(exc).__name__}{f' {status}' if status else ''})")
+    cause = f" {status}" if status else f", after the CAS answered {last_status}" if last_status else ""
+    return Retryable("xet", f"{what}: xet transfer failed ({type(exc).__name__}{cause})")
 
 
 class XetReader(RangeReader):
@@ -115,6 +124,10 @@ class XetReader(RangeReader):
     # fresh token. Class defaults, shadowed per reader.
     _generation = 0
     _ended_early_at = -1  # the generation whose stream last ended early without an error
+    # hf_xet 1.8.0 reports a failed xorb fetch either as a ConnectionError naming the status or, racing
+    # with it, as "RuntimeError: ... Data sender was dropped before sending data" (about 1 attempt in
+    # 15 for a 404): the status of the last one that named it goes into the message of the others.
+    _last_status = 0
 
     def __init__(self, source, commit: str):
         self.source = source
@@ -306,7 +319,8 @@ class XetReader(RangeReader):
         final (exit 3). hf_xet refreshes a token before it expires, so a fresh one refused is a
         refusal. Other failures keep the group: hf_xet retries inside it, and replacing it would ask
         the token route again."""
-        error = map_xet_error(exc, what)
+        self._last_status = http_status(exc) or self._last_status
+        error = map_xet_error(exc, what, self._last_status)
         if isinstance(error, TokenRefused):
             with self._lock:
                 if generation != self._generation:
