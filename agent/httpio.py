@@ -12,6 +12,7 @@ would read those bytes as its status line.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from typing import Iterator
@@ -21,7 +22,7 @@ import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-from .errors import AuthError, IntegrityError, NotFound, Retryable, TransientError
+from .errors import AuthError, CertificateError, IntegrityError, NotFound, Retryable, TransientError, untrusted_reason
 from .proxies import proxy_auth, proxy_for, proxy_origin
 
 READ_SIZE = 1 << 20  # one recv per MiB keeps Python overhead far below the network's cost
@@ -164,6 +165,10 @@ def request(pools: Pools, method: str, url: str, headers: dict, what: str) -> ur
     except ReadTimeoutError as exc:
         raise Retryable("stall", f"{what}: no response within the stall timeout") from exc
     except (Urllib3Error, OSError) as exc:
+        reason = untrusted_reason(exc)
+        if reason:  # a retry never cures it: exit 3 at once, as on the object stores' byte path
+            raise CertificateError.untrusted(what, urlsplit(url).netloc, reason, "SSL_CERT_FILE",
+                                             os.environ.get("SSL_CERT_FILE")) from None
         raise Retryable("connection", f"{what}: connection error ({type(exc).__name__})") from exc
 
 

@@ -62,3 +62,40 @@ def test_an_endpoint_that_is_not_a_hub_is_said_so(hub, demo_files, tmp_path):
     r = run_agent(*pull_args(hub, "org/model", tmp_path / "c"), env=hub_env(hub, **SHORT_RETRY))
     assert r.returncode not in (0,), r.stderr[-2000:]
     assert "is HF_ENDPOINT a Hub?" in r.stderr
+
+
+def test_an_untrusted_hub_certificate_is_exit_3_at_once(tmp_path):
+    """A Hub (or a mirror) whose TLS certificate is not trusted: one line naming SSL_CERT_FILE, exit 3,
+    no retries. Through huggingface_hub it was a connection error, retried until exit 7."""
+    import http.server
+    import ssl
+    import threading
+
+    from objstore.tls import self_signed
+
+    class Counting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # never reached: the handshake fails first
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    cert, key = self_signed(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"https://127.0.0.1:{server.server_address[1]}"
+        from conftest import clean_env
+
+        r = run_agent("pull", "org/model", "--cache-dir", str(tmp_path / "c"), "--log-format", "json",
+                      env=clean_env(HF_ENDPOINT=endpoint, MODEL_AGENT_RETRY_BASE_DELAY="0.05"))
+    finally:
+        server.shutdown()
+    assert r.returncode == 3, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if '"level": "error"' in line]
+    assert len(lines) == 1 and "SSL_CERT_FILE" in lines[0] and "not trusted" in lines[0], r.stderr[-2000:]
+    assert '"event": "retry"' not in r.stderr
