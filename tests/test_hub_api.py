@@ -68,12 +68,10 @@ def test_an_untrusted_hub_certificate_is_exit_3_at_once(tmp_path):
     """A Hub (or a mirror) whose TLS certificate is not trusted: one line naming SSL_CERT_FILE, exit 3,
     no retries. Through huggingface_hub it was a connection error, retried until exit 7."""
     import http.server
-    import ssl
-    import threading
 
-    from objstore.tls import self_signed
+    from objstore.tls import serve_self_signed
 
-    class Counting(http.server.BaseHTTPRequestHandler):
+    class Refused(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # never reached: the handshake fails first
             self.send_response(500)
             self.end_headers()
@@ -81,12 +79,7 @@ def test_an_untrusted_hub_certificate_is_exit_3_at_once(tmp_path):
         def log_message(self, *args):
             pass
 
-    cert, key = self_signed(tmp_path)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counting)
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_self_signed(tmp_path, Refused)
     try:
         endpoint = f"https://127.0.0.1:{server.server_address[1]}"
         from conftest import clean_env

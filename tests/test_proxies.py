@@ -19,7 +19,7 @@ from agent.keepalive import KeepAlivePool
 from objstore.helpers import FAST, agent, env_for, events
 from objstore.servers import MotoServer
 from objstore.squid import Squid, squid_bin
-from objstore.tls import self_signed, tls_moto
+from objstore.tls import self_signed, serve_self_signed, tls_moto
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.skipif(squid_bin() is None, reason="squid not installed")]
 MiB = 2**20
@@ -161,14 +161,7 @@ def test_the_byte_path_through_squid_to_an_http_origin(monkeypatch, squid, test_
 
 def test_a_certificate_failure_on_the_byte_path_is_not_retried(tmp_path, monkeypatch):
     """An untrusted store certificate raises CertificateError (exit 3), not a Retryable "connection"."""
-    import ssl
-
-    cert, key = self_signed(tmp_path)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    origin.socket = ctx.wrap_socket(origin.socket, server_side=True)
-    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    origin = serve_self_signed(tmp_path, _Ok)
     for name in PROXY_VARS:
         monkeypatch.delenv(name, raising=False)
     pool = KeepAlivePool(5, 5)

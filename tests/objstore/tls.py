@@ -79,3 +79,19 @@ def tls_fake_gcs(workdir: Path, cert: Path, key: Path):
                        30, "fake-gcs-server (TLS)", self.proc, self.log)
 
     return TlsFakeGcs()
+
+
+def serve_self_signed(folder: Path, handler):
+    """An HTTPS server on 127.0.0.1 behind a self-signed certificate nobody trusts, serving `handler`
+    on a thread; the caller shuts it down."""
+    import http.server
+    import ssl
+    import threading
+
+    cert, key = self_signed(folder)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
