@@ -90,7 +90,7 @@ class HubSource(Source):
         what = self.what(revision)
         sha = self._call(lambda: self.api.revision_sha(self.ref.repo_type, self.ref.repo_id, revision, what), what)
         if not isinstance(sha, str) or not COMMIT_SHA.match(sha):
-            raise NotFound(f"{self.what(revision)}: the Hub returned no commit for this revision")
+            raise NotFound(f"{what}: the Hub returned no commit for this revision")
         return sha
 
     def list_files(self, commit: str) -> list[RemoteFile]:
@@ -103,7 +103,8 @@ class HubSource(Source):
         """A tree entry as huggingface_hub's RepoFile reads it: `oid` the git blob id, `lfs.oid` the
         sha256 of an LFS file, `xetHash` its Xet hash."""
         lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else None
-        blob_id, sha256, xet_hash, size = entry.get("oid"), lfs and lfs.get("oid"), entry.get("xetHash"), entry.get("size")
+        sha256 = lfs.get("oid") if lfs is not None else None
+        blob_id, xet_hash, size = entry.get("oid"), entry.get("xetHash"), entry.get("size")
         if not isinstance(entry.get("path"), str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidInput(f"{what}: the Hub listed a file without a path or a size: is HF_ENDPOINT a Hub?")
         path = safe_relpath(entry["path"], context=what)
