@@ -120,3 +120,41 @@ def test_wrong_bytes_in_ranges_kept_ahead_are_caught(xet_hub, eight_ranges, tmp_
     xet_hub.faults.clear()
     assert r.returncode == 5, r.stderr[-2000:]
     assert not list((cache / "models--org--xet-direct" / "blobs").glob("[0-9a-f]" * 64))
+
+
+def test_a_full_disk_under_direct_xet_writes_is_exit_6_and_no_marker(xet_hub, eight_ranges, tmp_path):
+    """O_DIRECT writes meet a full volume as buffered ones do: exit 6, no ready marker. Someone else
+    fills the volume while the Xet ranges land (the free-space check before the first byte passed);
+    tmpfs takes O_DIRECT on this kernel, and `--direct-io on` skips the file-system check."""
+    import time
+
+    from conftest import agent_cmd
+
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(vol)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        repo, _ = eight_ranges
+        xet_hub.faults.clear()
+        xet_hub.faults.add("slow", path_glob="/xorbs/*", host="cas", rate=16 * MiB, count=1000)
+        xet_hub.stats.reset()
+        cache = vol / "cache"
+        proc = subprocess.Popen(agent_cmd(*pull_args(xet_hub, repo, cache, "--engine", "xet", "--workers", "4",
+                                                     "--direct-io", "on", "--disk-margin", "0")),
+                                env=hub_env(xet_hub), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while xet_hub.stats.bytes_sent("/xorbs/*") < 8 * MiB and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(vol / "filler", "wb") as f:
+            try:
+                f.write(b"\0" * 40 * MiB)
+            except OSError:
+                pass
+        _, err = proc.communicate(timeout=60)
+        xet_hub.faults.clear()
+        assert proc.returncode == 6, err[-2000:]
+        assert "space" in err.lower()
+        assert not list(cache.glob("models--*/.model-agent/*.ready"))
+    finally:
+        subprocess.run(["umount", "-l", str(vol)], capture_output=True)
