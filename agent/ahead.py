@@ -103,8 +103,9 @@ class AheadStash:
 
 
 def units_of(pieces: Iterable[bytes | memoryview], buf: memoryview) -> Iterator[tuple[int, memoryview | None]]:
-    """Regroup pieces into buffer-fulls of `buf`, as sources.base.fill_units does, and also yield a
-    view of the piece that holds each buffer-full whole (None for one that straddles two pieces)."""
+    """Regroup pieces into buffer-fulls of `buf` (each `n` yielded: buf[:n] holds the next n bytes, to
+    be used before the next), with a view of the piece that holds that buffer-full whole (None for
+    one that straddles two pieces). sources.base.fill_units is this without the views."""
     size, fill = len(buf), 0
     view = origin = memoryview(b"")
     origin_off = 0

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Iterator
 
+from ..ahead import units_of
 from ..errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -121,18 +122,7 @@ class RangeGate:
 
 def fill_units(pieces: Iterable[bytes | memoryview], buf: memoryview) -> Iterator[int]:
     """Regroup a stream of pieces into buffer-fulls of `buf` (see RangeReader.read_range_into)."""
-    size, fill = len(buf), 0
-    for piece in pieces:
-        off, n = 0, len(piece)
-        while off < n:
-            take = min(n - off, size - fill)
-            buf[fill:fill + take] = piece[off:off + take]
-            fill, off = fill + take, off + take
-            if fill == size:
-                yield fill
-                fill = 0
-    if fill:
-        yield fill
+    return (n for n, _ in units_of(pieces, buf))
 
 
 class RangeReader(ABC):
